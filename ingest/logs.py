@@ -1,0 +1,59 @@
+"""Logging setup, the same for every process (supervisor, fetchers, loaders, simulator).
+
+JSON lines (loguru `serialize`) when stdout is not a terminal, readable text otherwise. Every
+record passes through a redactor so that a secret handed to `configure_logging` can never
+reach the output, whichever code path formats it into a message.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+from loguru import logger
+
+_secrets: list[str] = []
+
+
+def _redact(text: str) -> str:
+    for secret in _secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _patch(record: Any) -> None:
+    record["message"] = _redact(record["message"])
+    for key, value in list(record["extra"].items()):
+        if isinstance(value, str):
+            record["extra"][key] = _redact(value)
+    if record["exception"] is not None:
+        exc = record["exception"]
+        if exc.value is not None:
+            exc.value.args = tuple(_redact(a) if isinstance(a, str) else a for a in exc.value.args)
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Register more strings to mask, e.g. a stream token once it is issued."""
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret not in _secrets:
+            _secrets.append(secret)
+
+
+def configure_logging(fmt: str = "text", level: str = "INFO", secrets: Iterable[str] = (), process: str = "main") -> None:
+    """Replace loguru's default sink. Safe to call again in a child process."""
+    add_secrets(secrets)
+    logger.remove()
+    logger.configure(patcher=_patch, extra={"process": process})
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            format="<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+            "<cyan>{extra[process]}</cyan> {message}",
+            backtrace=False,
+            diagnose=False,
+            colorize=sys.stderr.isatty(),
+        )
