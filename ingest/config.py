@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import MISSING as MISSING_DEFAULT
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -340,3 +341,15 @@ def load_config(cli: Mapping[str, Any], required: tuple[str, ...] = REQUIRED_FOR
 
 def with_overrides(config: Config, **changes: Any) -> Config:
     return replace(config, **changes)
+
+
+def reference_table() -> str:
+    """The README's configuration reference, generated so that it cannot drift."""
+    lines = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Config):
+        if f.default is not MISSING_DEFAULT:
+            default = "unset" if f.default in (None, "") else f"`{f.default}`"
+        else:
+            default = {"workers": "2-4 (CPU count)", "log_format": "`text` on a terminal, else `json`"}[f.name]
+        lines.append(f"| `{option_name(f.name)}` | `{f.metadata['env']}` | {default} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

@@ -147,3 +147,9 @@ def totals(conn: psycopg2.extensions.connection, table: str) -> dict[str, Any]:
         "events": int(events),
         "rejects": int(rejects),
     }
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: the first line of the server's message, never a password."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,192 @@
+"""Fetcher: walks one partition of the source into sealed segments.
+
+Pages are normalised a page at a time and appended to the open segment. A segment is sealed
+only at a page boundary, and the checkpoint (the cursor after that page) is written only
+after the seal is durable, so a crash loses at most the open segment, which is fetched again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from loguru import logger
+
+from ingest import checkpoint
+from ingest.api import ApiClient, ApiError, FatalApiError, Page, Stopped
+from ingest.checkpoint import PartitionState
+from ingest.config import Config
+from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
+from ingest.logs import configure_logging
+from ingest.normalise import normalise_page
+from ingest.pacing import SharedRateLimiter
+from ingest.segments import SegmentStore, SegmentWriter
+from ingest.stats import ClientStatsPublisher, SharedCounters
+
+# Exit codes a fetcher process reports to the supervisor.
+EXIT_DRAINED = 0  # the partition is done
+EXIT_STOPPED = 0  # stopped on request; the checkpoint says where to resume
+EXIT_FATAL = 3  # a terminal error (bad key...): restarting cannot help
+EXIT_RETRYABLE = 4  # retries exhausted on a transient fault: a restart may help
+
+CURSOR_TTL_MS = 110_000
+BACKPRESSURE_POLL_S = 0.2
+
+
+def partition_finished(page: Page, lower_ms: int) -> bool:
+    """No more pages, or (on /events, which ignores since/until) we went below the window."""
+    if not page.has_more or not page.next_cursor:
+        return True
+    try:
+        return int(decode_cursor(page.next_cursor)["ts"]) < lower_ms
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def request_window(part: PartitionState) -> tuple[int | None, int | None]:
+    """since/until for the feed, widened by 1 ms each way: the API's bound semantics are
+    uncertain, and rows outside [lower, upper) are filtered here anyway."""
+    if part.source != "feed":
+        return None, None
+    return max(0, part.lower_ms - 1), part.upper_ms + 1
+
+
+def start_cursor(part: PartitionState, now_ms: int) -> str | None:
+    if part.cursor:
+        return refresh_cursor(part.cursor, now_ms, CURSOR_TTL_MS)
+    if part.source == "events":
+        return position_cursor(part.upper_ms, now_ms, CURSOR_TTL_MS)
+    return None  # the feed's first page in the window is its newest
+
+
+@dataclass
+class FetchContext:
+    config: Config
+    generation: str
+    client: ApiClient
+    store: SegmentStore
+    should_stop: Callable[[], bool]
+    wait: Callable[[float], bool]  # sleeps; True when a stop was requested
+    on_page: Callable[[int], None] = lambda rows: None
+
+
+def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
+    """Walk `part` until drained (True) or stopped (False). Raises ApiError on failure."""
+    config = ctx.config
+    writer = SegmentWriter(
+        ctx.store,
+        part.index,
+        ctx.generation,
+        part.next_seq,
+        config.segment_max_rows,
+        config.segment_max_bytes,
+        config.segment_max_age,
+    )
+    cursor = start_cursor(part, int(time.time() * 1000))
+    since, until = request_window(part)
+    unsealed_rows = unsealed_pages = 0
+
+    def commit(done: bool) -> None:
+        nonlocal unsealed_rows, unsealed_pages
+        sealed = writer.seal()
+        rows, pages = unsealed_rows, unsealed_pages
+
+        def change(state: PartitionState) -> None:
+            state.cursor = cursor
+            state.next_seq = writer.next_seq
+            state.done = done
+            state.rows += rows
+            state.pages += pages
+            if sealed:
+                state.last_sealed = sealed
+
+        checkpoint.update_partition(config.state_path, part.index, change)
+        unsealed_rows = unsealed_pages = 0
+        if sealed:
+            logger.debug("sealed {} ({} rows)", sealed, rows)
+
+    try:
+        while True:
+            while ctx.store.ready_bytes() > config.ready_max_bytes:
+                if ctx.wait(BACKPRESSURE_POLL_S):
+                    raise Stopped()
+            if ctx.should_stop():
+                raise Stopped()
+            page = ctx.client.fetch_page(part.source, cursor, since=since, until=until, limit=config.page_limit)
+            rows = normalise_page(page.events, window=(part.lower_ms, part.upper_ms))
+            if rows.rows:
+                writer.append(rows.data, rows.rows)
+            cursor = page.next_cursor
+            unsealed_rows += rows.rows
+            unsealed_pages += 1
+            ctx.on_page(rows.rows)
+            if partition_finished(page, part.lower_ms):
+                commit(done=True)
+                return True
+            if writer.due():
+                commit(done=False)
+    except Stopped:
+        commit(done=False)
+        return False
+    except BaseException:
+        writer.abort()  # the open segment is re-fetched from the checkpoint
+        raise
+
+
+def fetcher_process(
+    config: Config,
+    index: int,
+    generation: str,
+    feed_limiter: SharedRateLimiter | None,
+    events_limiter: SharedRateLimiter | None,
+    stop_event: Any,
+    errors: Any,
+    counters: SharedCounters,
+) -> None:
+    """Process entry point (spawn-safe). The supervisor coordinates shutdown through
+    `stop_event`; signals meant for the process group are ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(config.log_format, config.log_level, config.secrets(), process=f"fetcher-{index}")
+    parent = os.getppid()
+
+    def should_stop() -> bool:
+        return stop_event.is_set() or os.getppid() != parent
+
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not should_stop():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            stop_event.wait(min(left, 0.5))
+        return True
+
+    state = checkpoint.read(config.state_path)
+    assert state is not None, "the supervisor writes the checkpoint before starting fetchers"
+    part = state.partitions[index]
+    client = ApiClient(config, feed_limiter, events_limiter, should_stop=should_stop)
+    publisher = ClientStatsPublisher(counters)
+
+    def on_page(rows: int) -> None:
+        counters.add_many({"fetched": rows, "pages": 1})
+        publisher.publish(client.stats)
+
+    ctx = FetchContext(config, generation, client, SegmentStore(config.segments_dir), should_stop, wait, on_page)
+    code = EXIT_DRAINED
+    try:
+        drained = fetch_partition(ctx, part)
+        logger.info("partition {} {}", index, "drained" if drained else "stopped")
+    except FatalApiError as exc:
+        errors.put(f"partition {index}: {exc}")
+        code = EXIT_FATAL
+    except ApiError as exc:
+        errors.put(f"partition {index}: {exc}")
+        code = EXIT_RETRYABLE
+    finally:
+        publisher.publish(client.stats)
+    sys.exit(code)

@@ -1,0 +1,57 @@
+"""Splitting the event time range into fetch partitions. Pure functions, table-tested.
+
+Events come newest first, so a partition is a window [lower_ms, upper_ms) walked from its
+upper bound down. Partitions are contiguous and cover everything: the newest starts just
+above the newest event, the oldest reaches down to 0, so an estimate of the oldest event
+that is off only makes the last window bigger, never loses events. Each partition runs on
+one lane (the feed or /events); windows are sized by the share of the request budget their
+lane gives them, so all partitions finish at about the same time.
+"""
+
+from __future__ import annotations
+
+from ingest.checkpoint import PartitionState
+
+DEFAULT_FEED_PARTITIONS = 4
+DEFAULT_EVENTS_PARTITIONS = 1
+
+
+def estimate_oldest(newest_ms: int, page_oldest_ms: int, page_events: int, total: int | None) -> int:
+    """Extrapolate the oldest event's time from one page's event density and meta.total."""
+    if not total or page_events < 2 or page_oldest_ms >= newest_ms or total <= page_events:
+        return page_oldest_ms
+    per_event = (newest_ms - page_oldest_ms) / (page_events - 1)
+    return max(0, int(newest_ms - per_event * (total - 1)))
+
+
+def choose_lanes(mode: str, partitions: int, feed_rate: float, events_rate: float) -> list[tuple[str, float]]:
+    """(source, weight) per partition, newest first. `mode`: feed, events or mixed."""
+    if mode == "events":
+        count = partitions or DEFAULT_EVENTS_PARTITIONS
+        return [("events", events_rate / count)] * count
+    if mode == "feed":
+        count = partitions or DEFAULT_FEED_PARTITIONS
+        return [("feed", feed_rate / count)] * count
+    if mode == "mixed":
+        total = partitions or DEFAULT_FEED_PARTITIONS + 1
+        if total < 2:
+            return [("feed", feed_rate)]
+        feeds = total - 1
+        return [("feed", feed_rate / feeds)] * feeds + [("events", events_rate)]
+    raise ValueError(f"unknown source mode {mode!r}")
+
+
+def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[str, float]]) -> list[PartitionState]:
+    """Contiguous windows over [lower_ms, upper_ms), sized by weight; the last one reaches 0."""
+    if not lanes:
+        raise ValueError("at least one lane is needed")
+    span = max(upper_ms - lower_ms, len(lanes))
+    total_weight = sum(weight for _, weight in lanes)
+    parts: list[PartitionState] = []
+    top = upper_ms
+    for index, (source, weight) in enumerate(lanes):
+        last = index == len(lanes) - 1
+        bottom = 0 if last else max(0, top - max(1, round(span * weight / total_weight)))
+        parts.append(PartitionState(index=index, source=source, lower_ms=bottom, upper_ms=top))
+        top = bottom
+    return parts

@@ -1,0 +1,96 @@
+"""Progress for people and for machines.
+
+On a terminal: a tqdm bar of events loaded against the API's `meta.total`. Otherwise: one
+JSON stats line every `--stats-interval` seconds. Either way a summary line at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import psutil
+from loguru import logger
+from tqdm import tqdm
+
+from ingest.checkpoint import Checkpoint
+from ingest.config import Config
+from ingest.segments import SegmentStore
+from ingest.stats import SharedCounters
+
+
+def eta_seconds(done: int, total: int | None, rate: float) -> float | None:
+    if not total or rate <= 0 or done >= total:
+        return None
+    return (total - done) / rate
+
+
+def tree_rss_bytes() -> int:
+    """Resident memory of this process and its children."""
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class Progress:
+    def __init__(self, config: Config, plan: Checkpoint, counters: SharedCounters, store: SegmentStore) -> None:
+        self.config = config
+        self.total = plan.total
+        self.counters = counters
+        self.store = store
+        self.started = time.monotonic()
+        self.last_line = self.started
+        self.bar: Any = None
+        if sys.stderr.isatty() and config.log_format == "text":
+            self.bar = tqdm(total=self.total, unit="ev", unit_scale=True, desc="loaded", dynamic_ncols=True)
+
+    def snapshot(self, loaded: int) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        counters = self.counters.snapshot()
+        rate = loaded / elapsed
+        return {
+            "elapsed_s": round(elapsed, 1),
+            "events_fetched": counters["fetched"],
+            "events_loaded": loaded,
+            "events_per_s": round(rate, 1),
+            "total": self.total,
+            "eta_s": None if (eta := eta_seconds(loaded, self.total, rate)) is None else round(eta),
+            "requests": counters["requests"],
+            "http_429": counters["http_429"],
+            "http_5xx": counters["http_5xx"],
+            "retries": counters["retries"],
+            "restarts": counters["restarts"],
+            "segments": self.store.counts(),
+            "checkpoint_lag_rows": max(0, counters["fetched"] - loaded),
+            "rss_mb": round(tree_rss_bytes() / 1e6, 1),
+        }
+
+    def update(self, loaded: int) -> None:
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(loaded - self.bar.n)
+            return
+        if now - self.last_line >= self.config.stats_interval:
+            self.last_line = now
+            logger.bind(stats=self.snapshot(loaded)).info("progress")
+
+    def close(self, loaded: int) -> dict[str, Any]:
+        if self.bar is not None:
+            self.bar.update(loaded - self.bar.n)
+            self.bar.close()
+        summary = self.snapshot(loaded)
+        logger.bind(summary=summary).info(
+            "summary: {} events loaded in {}s ({} events/s), {} requests, {} 429s",
+            loaded,
+            summary["elapsed_s"],
+            summary["events_per_s"],
+            summary["requests"],
+            summary["http_429"],
+        )
+        return summary

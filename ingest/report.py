@@ -1,0 +1,159 @@
+"""`status`, `verify` and `load`: the operator's views of a data directory and database."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+from typing import Any
+
+from loguru import logger
+from psycopg2 import sql
+
+from ingest import checkpoint, db
+from ingest.api import ApiClient, SourceUnavailable
+from ingest.config import Config
+from ingest.loader import load_ready
+from ingest.normalise import normalise_event
+from ingest.pacing import SharedRateLimiter
+from ingest.segments import SegmentStore
+from ingest.supervisor import database
+
+
+def collect_status(config: Config) -> dict[str, Any]:
+    store = SegmentStore(config.segments_dir)
+    state_info: dict[str, Any] | None = None
+    try:
+        state = checkpoint.read(config.state_path)
+    except checkpoint.CheckpointError as exc:
+        state, state_info = None, {"error": str(exc)}
+    if state is not None:
+        state_info = {
+            "source": state.source,
+            "total_reported": state.total,
+            "drained": state.drained,
+            "rows_fetched": state.rows,
+            "updated_at": state.updated_at,
+            "partitions": [
+                {"index": p.index, "source": p.source, "done": p.done, "rows": p.rows, "last_sealed": p.last_sealed}
+                for p in state.partitions
+            ],
+        }
+    out: dict[str, Any] = {
+        "data_dir": str(config.data_dir),
+        "checkpoint": state_info,
+        "segments": store.counts() if config.segments_dir.exists() else {},
+    }
+    try:
+        with database(config) as dsn:
+            conn = db.connect(dsn)
+            try:
+                db.ensure_schema(conn, config.table)
+                out["database"] = db.totals(conn, config.table)
+            finally:
+                conn.close()
+    except Exception as exc:
+        out["database"] = {"error": db.describe_error(exc)}
+    return out
+
+
+def run_load(config: Config) -> dict[str, Any]:
+    store = SegmentStore(config.segments_dir)
+    store.ensure()
+    with database(config) as dsn:
+        conn = db.connect(dsn)
+        try:
+            db.ensure_schema(conn, config.table)
+        finally:
+            conn.close()
+        return load_ready(config, dsn, config.workers)
+
+
+def crawl_source_ids(config: Config, sink: io.BufferedIOBase | Any) -> dict[str, int]:
+    """Page the whole source once, newest to oldest, writing storable ids (one per line)
+    to `sink`; count what no client could store."""
+    ctx = mp.get_context("spawn")
+    client = ApiClient(
+        config,
+        SharedRateLimiter(config.feed_rate, config.rate_window, ctx=ctx),
+        SharedRateLimiter(config.events_rate, config.rate_window, ctx=ctx),
+    )
+    source = "events" if config.source == "events" else "feed"
+    counts = {"events": 0, "unstorable": 0, "pages": 0}
+    cursor: str | None = None
+    try:
+        while True:
+            try:
+                page = client.fetch_page(source, cursor, limit=config.page_limit)
+            except SourceUnavailable:
+                if config.source == "feed":
+                    raise
+                source, cursor = "events", None
+                continue
+            counts["pages"] += 1
+            for event in page.events:
+                result = normalise_event(event)
+                if result.reason is None and result.event_id is not None:
+                    sink.write(result.event_id.encode() + b"\n")
+                    counts["events"] += 1
+                else:
+                    counts["unstorable"] += 1
+            if not page.has_more or not page.next_cursor:
+                return counts
+            cursor = page.next_cursor
+    finally:
+        client.close()
+
+
+def run_verify(config: Config, sample: int) -> dict[str, Any]:
+    """Compare the source with the table: counts, missing and extra ids."""
+    ids = io.BytesIO()
+    counts = crawl_source_ids(config, ids)
+    table = sql.Identifier(config.table)
+    with database(config) as dsn:
+        conn = db.connect(dsn)
+        try:
+            db.ensure_schema(conn, config.table)
+            with conn.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE verify_source (id text)")
+                ids.seek(0)
+                cur.copy_expert("COPY verify_source FROM STDIN", ids, size=1 << 20)
+                cur.execute("CREATE INDEX ON verify_source (id)")
+                cur.execute("ANALYZE verify_source")
+                cur.execute("SELECT count(DISTINCT id) FROM verify_source")
+                (source_ids,) = cur.fetchone()
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
+                (table_rows,) = cur.fetchone()
+                missing_q = sql.SQL(
+                    "SELECT DISTINCT s.id FROM verify_source s WHERE NOT EXISTS (SELECT 1 FROM {} e WHERE e.id = s.id)"
+                ).format(table)
+                cur.execute(sql.SQL("SELECT count(*) FROM ({}) m").format(missing_q))
+                (missing,) = cur.fetchone()
+                cur.execute(missing_q + sql.SQL(" ORDER BY 1 LIMIT %s"), (sample,))
+                missing_ids = [r[0] for r in cur.fetchall()]
+                extra_q = sql.SQL(
+                    "SELECT e.id FROM {} e WHERE NOT EXISTS (SELECT 1 FROM verify_source s WHERE s.id = e.id)"
+                ).format(table)
+                cur.execute(sql.SQL("SELECT count(*) FROM ({}) x").format(extra_q))
+                (extra,) = cur.fetchone()
+                cur.execute(extra_q + sql.SQL(" ORDER BY 1 LIMIT %s"), (sample,))
+                extra_ids = [r[0] for r in cur.fetchall()]
+                cur.execute("SELECT count(*) FROM ingest_rejects")
+                (rejects,) = cur.fetchone()
+            conn.rollback()
+        finally:
+            conn.close()
+    report = {
+        "match": missing == 0 and extra == 0,
+        "source_events": counts["events"],
+        "source_distinct_ids": source_ids,
+        "source_unstorable": counts["unstorable"],
+        "table_rows": table_rows,
+        "missing": missing,
+        "extra": extra,
+        "rejects_stored": rejects,
+        "missing_sample": missing_ids,
+        "extra_sample": extra_ids,
+        "pages": counts["pages"],
+    }
+    logger.info("verify: {}", "match" if report["match"] else "MISMATCH")
+    return report

@@ -1,0 +1,322 @@
+"""The `run` command: prepare, plan, start the fetchers and loaders, watch them, stop cleanly.
+
+The supervisor owns no data path itself. It makes the schema, heals the segment folders
+against the ledger, writes the partition plan into the checkpoint on the first run, and
+then only watches: restarting a crashed child a bounded number of times, turning the
+first SIGINT/SIGTERM into "stop fetching, seal, let the loaders drain", the second into
+"stop now", and exiting with a code that says what happened.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from loguru import logger
+
+from ingest import checkpoint, db
+from ingest.api import ApiClient, ApiError, FatalApiError, SourceUnavailable
+from ingest.checkpoint import Checkpoint
+from ingest.config import Config
+from ingest.cursors import decode_cursor
+from ingest.fetcher import EXIT_FATAL, fetcher_process
+from ingest.loader import loader_process
+from ingest.normalise import parse_timestamp
+from ingest.pacing import SharedRateLimiter
+from ingest.plan import choose_lanes, estimate_oldest, split_range
+from ingest.progress import Progress
+from ingest.segments import SegmentStore, reconcile
+from ingest.stats import SharedCounters
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+TICK_S = 0.2
+DRAIN_GRACE_S = 30.0
+
+
+class RunError(RuntimeError):
+    """A fatal condition of the run; its message is the one line the user sees."""
+
+
+@contextmanager
+def database(config: Config) -> Iterator[str]:
+    """The DSN to load into: DATABASE_URL, or the embedded server in <data-dir>/pg."""
+    if config.database_url:
+        yield config.database_url
+        return
+    try:
+        server = db.EmbeddedPostgres.start(config.pg_dir)
+    except Exception as exc:  # the library raises assorted errors; the log holds details
+        raise RunError(f"cannot start the embedded PostgreSQL in {config.pg_dir}: {exc}") from None
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+def prepare_database(config: Config, dsn: str, store: SegmentStore) -> None:
+    """Schema, then reconcile the segment folders against the ledger (DESIGN.md section 2)."""
+    try:
+        conn = db.connect(dsn)
+    except Exception as exc:
+        raise RunError(f"cannot connect to the database: {db.describe_error(exc)}") from None
+    try:
+        db.ensure_schema(conn, config.table)
+        report = reconcile(store, db.ledger_ids(conn))
+        logger.info("reconciled segments: {}", report)
+    finally:
+        conn.close()
+
+
+def newest_timestamp_ms(events: list[Any]) -> int | None:
+    stamps = [parse_timestamp(e.get("timestamp")) for e in events if isinstance(e, dict)]
+    valid = [s for s in stamps if s is not None]
+    return max(valid) // 1000 if valid else None
+
+
+def make_plan(config: Config, client: ApiClient) -> Checkpoint:
+    """Probe the source once, then split its time range into partitions."""
+    mode = {"auto": "mixed", "feed": "feed", "events": "events"}[config.source]
+    if mode == "events":
+        probe = client.fetch_page("events", None, limit=config.page_limit)
+    else:
+        try:
+            probe = client.fetch_page("feed", None, limit=config.page_limit)
+        except SourceUnavailable as exc:
+            if config.source == "feed":
+                raise RunError(f"the feed is unavailable: {exc}") from None
+            logger.warning("no stream token ({}); using /api/v1/events only", exc)
+            mode = "events"
+            probe = client.fetch_page("events", None, limit=config.page_limit)
+    newest = newest_timestamp_ms(probe.events)
+    generation = checkpoint.new_generation()
+    if newest is None:
+        logger.warning("the source returned no events with a timestamp; nothing to fetch")
+        plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=None)
+        plan.partitions = split_range(0, 1, [("events", 1.0)])
+        for part in plan.partitions:
+            part.done = not probe.events
+        return plan
+    page_oldest = newest
+    if probe.next_cursor:
+        page_oldest = int(decode_cursor(probe.next_cursor)["ts"])
+    oldest = estimate_oldest(newest, page_oldest, len(probe.events), probe.total)
+    lanes = choose_lanes(mode, config.partitions, config.feed_rate, config.events_rate)
+    plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest)
+    plan.partitions = split_range(oldest, newest + 1, lanes)
+    logger.info(
+        "plan: {} partitions over {} .. {} ({} events reported)",
+        len(plan.partitions),
+        oldest,
+        newest,
+        probe.total,
+    )
+    return plan
+
+
+@dataclass
+class Child:
+    kind: str  # "fetcher" or "loader"
+    key: int  # partition index or loader slot
+    process: Any
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    dsn: str
+    ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
+
+    def __post_init__(self) -> None:
+        self.store = SegmentStore(self.config.segments_dir)
+        self.stop_fetch = self.ctx.Event()
+        self.fetch_done = self.ctx.Event()
+        self.stop_loaders = self.ctx.Event()
+        self.errors = self.ctx.Queue()
+        self.counters = SharedCounters(self.ctx)
+        self.loaded = self.ctx.Value("q", 0)
+        window = self.config.rate_window
+        self.feed_limiter = SharedRateLimiter(self.config.feed_rate, window, ctx=self.ctx)
+        self.events_limiter = SharedRateLimiter(self.config.events_rate, window, ctx=self.ctx)
+        self.children: list[Child] = []
+        self.signals: list[int] = []
+        self.failure: str | None = None
+        self.last_error: str | None = None
+
+    # -- children -------------------------------------------------------------------
+    def _start(self, kind: str, key: int, restarts: int = 0) -> Child:
+        if kind == "fetcher":
+            args: tuple[Any, ...] = (
+                self.config,
+                key,
+                self.plan.generation,
+                self.feed_limiter,
+                self.events_limiter,
+                self.stop_fetch,
+                self.errors,
+                self.counters,
+            )
+            process = self.ctx.Process(target=fetcher_process, args=args, name=f"fetcher-{key}")
+        else:
+            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.loaded)
+            process = self.ctx.Process(target=loader_process, args=args, name=f"loader-{key}")
+        process.start()
+        child = Child(kind, key, process, restarts)
+        self.children.append(child)
+        return child
+
+    def _reap(self) -> None:
+        """Handle children that exited: done, restart, or fail the run."""
+        for child in [c for c in self.children if not c.process.is_alive()]:
+            self.children.remove(child)
+            code = child.process.exitcode
+            if code == 0 and (child.kind == "fetcher" or self.fetch_done.is_set()):
+                continue
+            self._drain_errors()
+            if child.kind == "fetcher" and code == EXIT_FATAL:
+                self._fail(self.last_error or f"fetcher {child.key} failed")
+                continue
+            if self.signals or self.failure:
+                continue
+            if child.restarts >= self.config.max_restarts:
+                reason = self.last_error or f"exit code {code}"
+                self._fail(f"{child.kind} {child.key} failed {child.restarts + 1} times; last: {reason}")
+                continue
+            logger.warning("{} {} exited with {}; restarting", child.kind, child.key, code)
+            self.counters.add("restarts")
+            self._start(child.kind, child.key, child.restarts + 1)
+
+    def _drain_errors(self) -> None:
+        """Log what children reported before exiting; keep the latest for the final message."""
+        while True:
+            try:
+                self.last_error = self.errors.get_nowait()
+            except queue.Empty:
+                return
+            logger.error(self.last_error)
+
+    def _fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+            logger.error("run failed: {}", message)
+        self.stop_fetch.set()
+        self.fetch_done.set()
+
+    def _kill_all(self) -> None:
+        for child in self.children:
+            if child.process.is_alive():
+                child.process.kill()
+        for child in self.children:
+            child.process.join(5)
+
+    # -- signals --------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            self.stop_fetch.set()
+        else:
+            self.stop_loaders.set()
+
+    # -- the run --------------------------------------------------------------------
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in EXIT_BY_SIGNAL}
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> int:
+        self.store.ensure()
+        prepare_database(self.config, self.dsn, self.store)
+        self.plan = self._load_or_make_plan()
+        progress = Progress(self.config, self.plan, self.counters, self.store)
+        for part in self.plan.partitions:
+            if not part.done:
+                self._start("fetcher", part.index)
+        for slot in range(self.config.workers):
+            self._start("loader", slot)
+        logger.info(
+            "running: {} fetchers, {} loaders",
+            sum(c.kind == "fetcher" for c in self.children),
+            self.config.workers,
+        )
+        drain_deadline: float | None = None
+        try:
+            while self.children:
+                self._reap()
+                if not any(c.kind == "fetcher" for c in self.children) and not self.fetch_done.is_set():
+                    self.fetch_done.set()
+                if len(self.signals) >= 2:
+                    logger.warning("second signal: stopping now")
+                    self._kill_all()
+                    break
+                if self.failure and drain_deadline is None:
+                    drain_deadline = time.monotonic() + DRAIN_GRACE_S
+                if drain_deadline is not None and time.monotonic() > drain_deadline:
+                    self._kill_all()
+                    break
+                progress.update(self.loaded.value)
+                self.stop_loaders.wait(TICK_S)
+        finally:
+            progress.close(self.loaded.value)
+        return self._outcome()
+
+    def _outcome(self) -> int:
+        if self.failure:
+            logger.error("stopped after a failure: {}", self.failure)
+            return EXIT_FATAL
+        if self.signals:
+            logger.info("stopped by signal; state kept, the next run resumes")
+            return EXIT_BY_SIGNAL.get(signal.Signals(self.signals[0]), 1)
+        state = checkpoint.read(self.config.state_path)
+        counts = self.store.counts()
+        pending = counts.get("ready", 0) + counts.get("loading", 0)
+        if state is None or not state.drained or pending:
+            logger.error("children finished but the run is incomplete ({} segments pending)", pending)
+            return EXIT_FATAL
+        logger.info("drained: every event fetched and loaded")
+        return EXIT_OK
+
+    def _load_or_make_plan(self) -> Checkpoint:
+        try:
+            existing = checkpoint.read(self.config.state_path)
+        except checkpoint.CheckpointError as exc:
+            raise RunError(f"{self.config.state_path}: {exc}; move it away to start over") from None
+        if existing is not None:
+            logger.info("resuming from the checkpoint ({} rows fetched so far)", existing.rows)
+            return existing
+        client = ApiClient(self.config, self.feed_limiter, self.events_limiter, should_stop=lambda: bool(self.signals))
+        try:
+            plan = make_plan(self.config, client)
+        except FatalApiError as exc:
+            raise RunError(str(exc)) from None
+        except ApiError as exc:
+            raise RunError(f"cannot reach the API: {exc}") from None
+        finally:
+            client.close()
+        with checkpoint.locked(self.config.state_path):
+            checkpoint.write(self.config.state_path, plan)
+        return plan
+
+
+def run(config: Config) -> int:
+    """Entry point of `datasync-ingest run`; returns the process exit code."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("config: {}", config.redacted())
+    try:
+        with database(config) as dsn:
+            return Supervisor(config, dsn).run()
+    except RunError as exc:
+        logger.error("{}", exc)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return EXIT_BY_SIGNAL[signal.SIGINT]
+

@@ -1,0 +1,141 @@
+"""Helpers for end-to-end tests: run the real program against the simulator and a real
+PostgreSQL, wait on conditions, and compare the final table with the simulator's truth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg2
+
+from ingest import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAM = [sys.executable, str(REPO / "bin" / "datasync-ingest")]
+
+
+def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
+    """Environment for one `datasync-ingest` run against `sim`, loading into `dsn`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "DATASYNC_"))}
+    env.update(
+        DATASYNC_API_URL=sim.base_url,
+        DATASYNC_API_KEY=sim.api_key,
+        DATABASE_URL=dsn,
+        INGEST_DATA_DIR=str(data_dir),
+        LOG_FORMAT="json",
+        INGEST_WORKERS="2",
+        INGEST_STATS_INTERVAL="1",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@dataclass
+class Run:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def wait(self, timeout: float = 300) -> int:
+        return self.process.wait(timeout)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def start_run(env: dict[str, str], log_path: Path, *args: str) -> Run:
+    """Start the program in its own process group (so a test can kill the whole group)."""
+    log = open(log_path, "ab")
+    process = subprocess.Popen(
+        [*PROGRAM, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    log.close()
+    return Run(process, log_path)
+
+
+def run_to_end(env: dict[str, str], log_path: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
+    run = start_run(env, log_path, *args)
+    try:
+        code = run.wait(timeout)
+    finally:
+        run.kill_group()
+    return code, run.log
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 120, what: str = "condition") -> None:
+    """Poll a condition; the poll interval is short, the deadline generous (loaded CI)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def loaded_segments(dsn: str) -> int:
+    try:
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM ingest_segments")
+            return int(cur.fetchone()[0])
+    except psycopg2.Error:
+        return 0
+
+
+def fetched_rows(data_dir: Path) -> int:
+    try:
+        state = checkpoint.read(data_dir / "ingestion.state")
+    except checkpoint.CheckpointError:
+        return 0
+    return state.rows if state else 0
+
+
+def table_ids(dsn: str, table: str = "events") -> list[str]:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(f'SELECT id FROM "{table}"')
+        return [row[0] for row in cur.fetchall()]
+
+
+def reject_count(dsn: str) -> int:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM ingest_rejects")
+        return int(cur.fetchone()[0])
+
+
+def assert_exact(dsn: str, truth: Any, table: str = "events") -> None:
+    """Every storable id exactly once, nothing else (the primary key forbids repeats, so
+    equal counts and equal sets prove it)."""
+    ids = table_ids(dsn, table)
+    assert len(ids) == len(set(ids))
+    missing = truth.storable_ids - set(ids)
+    extra = set(ids) - truth.storable_ids
+    assert not missing and not extra, f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(extra)} extra"
+    assert len(ids) == len(truth.storable_ids)
+
+
+def files_under(path: Path) -> Iterator[Path]:
+    for item in path.rglob("*"):
+        if item.is_file() and "pg" not in item.relative_to(path).parts[:1]:
+            yield item
+
+
+def assert_no_secrets(secrets: list[str], dsn: str, data_dir: Path, *logs: str) -> None:
+    """No log, state file, segment or reject holds a secret."""
+    for secret in secrets:
+        for text in logs:
+            assert secret not in text, "a secret appears in the log"
+        for item in files_under(data_dir):
+            assert secret.encode() not in item.read_bytes(), f"a secret appears in {item}"
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM ingest_rejects WHERE raw LIKE %s OR reason LIKE %s", (f"%{secret}%",) * 2)
+            assert cur.fetchone()[0] == 0, "a secret appears in ingest_rejects"
