@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS ingest_rejects (
     raw text,
     rejected_at timestamptz
 );
+CREATE INDEX IF NOT EXISTS ingest_rejects_raw_md5 ON ingest_rejects (md5(raw));
 """
 
 

@@ -16,7 +16,7 @@ from ingest.loader import load_ready
 from ingest.normalise import normalise_event
 from ingest.pacing import SharedRateLimiter
 from ingest.segments import SegmentStore
-from ingest.supervisor import database
+from ingest.supervisor import database, prepare_database
 
 
 def collect_status(config: Config) -> dict[str, Any]:
@@ -60,11 +60,7 @@ def run_load(config: Config) -> dict[str, Any]:
     store = SegmentStore(config.segments_dir)
     store.ensure()
     with database(config) as dsn:
-        conn = db.connect(dsn)
-        try:
-            db.ensure_schema(conn, config.table)
-        finally:
-            conn.close()
+        prepare_database(config, dsn, store)
         return load_ready(config, dsn, config.workers)
 
 

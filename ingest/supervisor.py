@@ -68,7 +68,7 @@ def prepare_database(config: Config, dsn: str, store: SegmentStore) -> None:
         raise RunError(f"cannot connect to the database: {db.describe_error(exc)}") from None
     try:
         db.ensure_schema(conn, config.table)
-        report = reconcile(store, db.ledger_ids(conn))
+        report = reconcile(store, db.ledger_ids(conn), keep=config.keep_segments)
         logger.info("reconciled segments: {}", report)
     finally:
         conn.close()

@@ -1,0 +1,642 @@
+"""The DataSync API client: one page at a time, paced, retried, never partial.
+
+Layers, from the wire up:
+
+1. A persistent `requests.Session` (keep-alive, gzip) whose adapter carries a urllib3
+   `Retry` for what the transport can see: connection failures and 500/502/503/504, retried
+   a couple of times with short waits. 429 is deliberately left out: it is a pacing signal
+   that the shared limiter must hear about.
+2. `fetch_page` retries around request + body read + JSON parse, for what urllib3 cannot see
+   (bodies cut mid-stream, resets mid-body, truncated or invalid JSON, empty 200s).
+3. Every outcome (status, error code, exception) goes through one table, `classify`, to an
+   `Action`; the loop only carries the actions out. Terminal outcomes raise
+   `FatalApiError`, exhausted transient ones `ApiError`, a refused stream token
+   `SourceUnavailable`, a shutdown during any wait `Stopped`.
+
+Secrets: the key travels only in headers, never in a URL; messages and log lines name the
+path, never the query; every stream token is registered with `ingest.logs.add_secrets`, and
+server-provided text is scrubbed of the key and token before it is quoted.
+
+Time: durations from the server are decimal seconds and deadlines come from the cursor's
+`exp` and the token's `expiresIn`, so the client runs unchanged against a simulator whose
+clock runs S times faster. Waits the server does not dictate (backoff, the feed's silent 429)
+are scaled by `time_unit`, learnt from the token and cursor lifetimes the server reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from loguru import logger
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from ingest.config import Config
+from ingest.cursors import (
+    cursor_expiring,
+    decode_cursor,
+    position_cursor,
+    refresh_cursor,
+)
+from ingest.logs import add_secrets
+from ingest.normalise import decode_json
+from ingest.pacing import SharedRateLimiter, backoff, retry_after_seconds
+
+API_SUFFIX = "/api/v1"
+FEED_PATH = "/api/v1/events/d4ta/x7k9/feed"  # fallback when stream-access names none
+STREAM_ACCESS_PATH = "/internal/dashboard/stream-access"
+TOKEN_HEADER = "X-Stream-Token"
+BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+# Nominal lifetimes of the real service; what the server reports divided by these is the
+# simulator's time unit (1 on the real service).
+NOMINAL_TOKEN_TTL_S = 300.0
+NOMINAL_CURSOR_TTL_S = 120.0
+
+CURSOR_TTL_MS = 120_000  # the exp written into refreshed cursors (the server trusts it)
+CURSOR_MARGIN_S = 10.0  # refresh a cursor expiring sooner than this (x time unit)
+TOKEN_REFRESH_SHARE = 0.8  # renew a token once this share of its lifetime has passed
+TOKEN_ATTEMPTS = 5  # stream-access tries before the feed is declared unavailable
+TOKEN_BACKOFF_S = 10.0  # x attempt, when stream-access gives no Retry-After
+RETRY_BASE_S, RETRY_CAP_S = 1.0, 30.0  # backoff for transient faults (x time unit)
+RATE_LIMITED_BASE_S, RATE_LIMITED_CAP_S = 10.0, 30.0  # silent 429: 10, 20, 30 s (x time unit)
+MAX_RATE_LIMITED = 50  # 429s within one fetch_page before giving up: a safety net only
+STOP_POLL_S = 0.2  # granularity of the default interruptible sleep
+
+# Transport-level retries (inside the adapter, not interruptible, hence short).
+TRANSPORT_RETRIES = 2
+TRANSPORT_BACKOFF_FACTOR = 0.1
+TRANSPORT_BACKOFF_MAX_S = 2.0
+TRANSPORT_RETRY_AFTER_MAX_S = 2
+
+
+class ApiError(Exception):
+    """A page could not be fetched; a restart may help (retries exhausted)."""
+
+
+class FatalApiError(ApiError):
+    """Retrying cannot help (bad key, unknown endpoint, a fresh token refused...)."""
+
+
+class SourceUnavailable(ApiError):
+    """No stream token can be had: `--source auto` falls back to /api/v1/events."""
+
+
+class Stopped(Exception):
+    """Shutdown was requested while waiting."""
+
+
+class BadBody(Exception):
+    """A 2xx response that is not a complete page: truncated, empty, not JSON, wrong shape."""
+
+
+class Action(enum.Enum):
+    OK = "ok"
+    RETRY = "retry"  # transient fault: back off, same request
+    WAIT = "wait"  # 429: wait as told, slow the shared pace
+    REFRESH_TOKEN = "refresh-token"  # stream token refused: get a new one, same request
+    REFRESH_CURSOR = "refresh-cursor"  # cursor expired: rewrite exp, then re-position
+    DRAINED = "drained"  # 418 for a cursor older than the data: nothing more to fetch
+    UNAVAILABLE = "unavailable"  # stream-access refuses us: no feed for this key
+    FAIL = "fail"  # terminal
+
+
+# (endpoint, status, code) -> action; None matches anything. Endpoints: "feed", "events",
+# "token" (stream-access). The most specific row wins; then the status class decides.
+STATUS_ACTIONS: dict[tuple[str | None, int, str | None], Action] = {
+    (None, 400, "CURSOR_EXPIRED"): Action.REFRESH_CURSOR,
+    # Any feed 401/403 is taken for a token problem (the spec says so for 401, and asks for a
+    # renewal on any 403); a fresh token refused again makes it fatal.
+    ("feed", 401, None): Action.REFRESH_TOKEN,
+    ("feed", 403, None): Action.REFRESH_TOKEN,
+    ("token", 401, None): Action.FAIL,  # the key itself is refused
+    ("token", 403, "DASHBOARD_REQUIRED"): Action.UNAVAILABLE,
+    (None, 408, None): Action.RETRY,
+    (None, 418, None): Action.DRAINED,
+    (None, 429, None): Action.WAIT,
+    (None, 500, None): Action.RETRY,
+    (None, 501, None): Action.FAIL,
+    (None, 502, None): Action.RETRY,  # also the load balancer's HTML page
+    (None, 503, None): Action.RETRY,
+    (None, 504, None): Action.RETRY,
+}
+CLASS_ACTIONS: dict[tuple[str | None, int], Action] = {
+    (None, 2): Action.OK,
+    ("token", 4): Action.UNAVAILABLE,  # any other refusal of stream-access: use /events
+    (None, 4): Action.FAIL,  # 401, unrecognised 403, 404 ...
+    (None, 5): Action.RETRY,
+}
+# Exceptions by class; the first match along the exception's MRO wins.
+EXCEPTION_ACTIONS: dict[type[BaseException], Action] = {
+    BadBody: Action.RETRY,
+    requests.exceptions.ChunkedEncodingError: Action.RETRY,  # body cut or reset mid-stream
+    requests.exceptions.ContentDecodingError: Action.RETRY,  # broken gzip
+    requests.exceptions.ConnectionError: Action.RETRY,  # refused, reset, transport retries spent
+    requests.exceptions.Timeout: Action.RETRY,
+    requests.exceptions.RetryError: Action.RETRY,
+    requests.exceptions.RequestException: Action.FAIL,  # invalid URL and the like
+}
+
+
+def classify(
+    status: int | None, code: str | None, exc: type[BaseException] | None, endpoint: str = "events"
+) -> Action:
+    """What to do with one outcome. An exception (transport or body) decides over a status."""
+    if exc is not None:
+        for klass in exc.__mro__:
+            if klass in EXCEPTION_ACTIONS:
+                return EXCEPTION_ACTIONS[klass]
+        return Action.FAIL
+    if status is None:
+        return Action.FAIL
+    for key in ((endpoint, status, code), (None, status, code), (endpoint, status, None), (None, status, None)):
+        if key in STATUS_ACTIONS:
+            return STATUS_ACTIONS[key]
+    for class_key in ((endpoint, status // 100), (None, status // 100)):
+        if class_key in CLASS_ACTIONS:
+            return CLASS_ACTIONS[class_key]
+    return Action.FAIL
+
+
+# Hints for terminal statuses, so the operator knows what to fix.
+FAIL_HINTS: dict[int, str] = {
+    400: "the request was refused as malformed",
+    401: "the API key was refused (wrong or expired key?)",
+    403: "access refused",
+    404: "not found (check --api-url)",
+}
+
+
+@dataclass
+class Page:
+    events: list[Any]
+    next_cursor: str | None
+    has_more: bool
+    total: int | None
+    nbytes: int
+    status: int
+
+
+@dataclass
+class Outcome:
+    """One request's result, reduced to what `classify` and the messages need."""
+
+    status: int | None = None
+    code: str | None = None
+    message: str | None = None
+    exc: BaseException | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: Any = None  # the decoded JSON, when there is one
+
+    def describe(self) -> str:
+        """A short, secret-free description: never str() of a transport error (URLs)."""
+        if self.exc is not None:
+            detail = f": {self.exc}" if isinstance(self.exc, BadBody) else ""
+            status = f"HTTP {self.status} " if self.status is not None else ""
+            return f"{status}{type(self.exc).__name__}{detail}"
+        return " ".join(part for part in (f"HTTP {self.status}", self.code) if part)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return None
+    return float(value)
+
+
+def parse_page(body: bytes, status: int) -> tuple[Page, float | None]:
+    """A complete page from a 2xx body, plus its `cursorExpiresIn`; BadBody otherwise.
+
+    Pagination is nested (`pagination.hasMore/nextCursor`); the flat shape the public docs
+    describe is accepted too. `hasMore` without a cursor would silently end a partition, so
+    it counts as a damaged body.
+    """
+    if not body.strip():
+        raise BadBody("empty body")
+    try:
+        doc = decode_json(body)
+    except ValueError:
+        raise BadBody(f"invalid JSON ({len(body)} bytes)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise BadBody("not a JSON object with a data list")
+    pagination = doc.get("pagination")
+    if not isinstance(pagination, dict):
+        pagination = doc
+    has_more = pagination.get("hasMore")
+    next_cursor = pagination.get("nextCursor")
+    if not isinstance(has_more, bool):
+        raise BadBody("no hasMore flag")
+    if next_cursor is not None and not isinstance(next_cursor, str):
+        raise BadBody("nextCursor is not a string")
+    if has_more and not next_cursor:
+        raise BadBody("hasMore without nextCursor")
+    meta = doc.get("meta")
+    total = _number(meta.get("total")) if isinstance(meta, dict) else None
+    page = Page(doc["data"], next_cursor, has_more, int(total) if total is not None else None, len(body), status)
+    return page, _number(pagination.get("cursorExpiresIn"))
+
+
+@dataclass
+class StreamToken:
+    token: str
+    header: str
+    feed_path: str
+    refresh_at: float  # client clock: renew from here on (~80% of the lifetime)
+    expires_at: float  # client clock, counted from before the request (conservative)
+
+
+def parse_stream_access(doc: Any, issued_at: float) -> tuple[StreamToken, float]:
+    """The token grant and its lifetime in seconds; the feed path is read from the body,
+    the constant is only a fallback."""
+    access = doc.get("streamAccess") if isinstance(doc, dict) else None
+    if not isinstance(access, dict):
+        raise BadBody("no streamAccess object")
+    token = access.get("token")
+    if not isinstance(token, str) or not token:
+        raise BadBody("no token in streamAccess")
+    lifetime = _number(access.get("expiresIn"))
+    if lifetime is None or lifetime <= 0:
+        lifetime = NOMINAL_TOKEN_TTL_S
+    endpoint = access.get("endpoint")
+    feed_path = endpoint if isinstance(endpoint, str) and endpoint.startswith("/") else FEED_PATH
+    header = access.get("tokenHeader")
+    header = header if isinstance(header, str) and header.strip() else TOKEN_HEADER
+    refresh_at = issued_at + TOKEN_REFRESH_SHARE * lifetime
+    return StreamToken(token, header.strip(), feed_path, refresh_at, issued_at + lifetime), lifetime
+
+
+class TransportRetry(Retry):
+    """urllib3 `Retry` that reads decimal Retry-After values (the simulator's time scale
+    sends `0.85`; stock urllib3 rejects them) and never retries a 429 by itself."""
+
+    RETRY_AFTER_STATUS_CODES = frozenset({503})
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        seconds = retry_after_seconds({"Retry-After": retry_after}, None, time.time())
+        return min(float(self.retry_after_max), seconds or 0.0)
+
+
+def make_session() -> requests.Session:
+    """One keep-alive session per process: gzip, transport retries, a pool for one fetcher
+    (its page requests plus the occasional stream-access call)."""
+    retry = TransportRetry(
+        total=TRANSPORT_RETRIES + 1,
+        connect=TRANSPORT_RETRIES,
+        read=TRANSPORT_RETRIES,
+        status=TRANSPORT_RETRIES,
+        other=0,
+        status_forcelist=(500, 502, 503, 504),
+        backoff_factor=TRANSPORT_BACKOFF_FACTOR,
+        backoff_max=TRANSPORT_BACKOFF_MAX_S,
+        retry_after_max=TRANSPORT_RETRY_AFTER_MAX_S,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2, max_retries=retry)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update({"Accept-Encoding": "gzip", "Accept": "application/json"})
+    return session
+
+
+class ApiClient:
+    """Fetches pages from the feed or /api/v1/events for one process."""
+
+    def __init__(
+        self,
+        config: Config,
+        feed_limiter: SharedRateLimiter | None,
+        events_limiter: SharedRateLimiter | None,
+        should_stop: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.time,
+        sleep_until_or_stop: Callable[[float], bool] | None = None,
+    ) -> None:
+        """`clock` gives epoch seconds (cursor `exp` and token deadlines are compared with it);
+        `sleep_until_or_stop(deadline)` sleeps until that clock reaches `deadline` and returns
+        True, early, if a shutdown was requested."""
+        self.config = config
+        self.session = make_session()
+        self._limiters = {"feed": feed_limiter, "events": events_limiter}
+        self._should_stop = should_stop
+        self._clock = clock
+        self._sleep_until_or_stop = sleep_until_or_stop or self._poll_sleep
+        parts = urlsplit(config.api_url)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        api_url = config.api_url.rstrip("/")
+        self._api_url = api_url
+        self._root = api_url[: -len(API_SUFFIX)] if api_url.endswith(API_SUFFIX) else self._origin
+        self._token: StreamToken | None = None
+        # Set when the current token replaced a refused one and has not been accepted yet:
+        # if the server refuses it too, something other than expiry is wrong.
+        self._token_on_probation = False
+        self._unit: float | None = None
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("requests", "retries", "http_429", "http_5xx", "truncated", "token_refreshes", "cursor_refreshes", "bytes"),
+            0,
+        )
+
+    def close(self) -> None:
+        """Release the pooled connections (the session is not used afterwards)."""
+        self.session.close()
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def _poll_sleep(self, deadline: float) -> bool:
+        while not self._should_stop():
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            time.sleep(min(left, STOP_POLL_S))
+        return True
+
+    def _wait(self, seconds: float) -> bool:
+        """Interruptible sleep; True when a shutdown was requested (the limiter's contract)."""
+        return self._sleep_until_or_stop(self._clock() + max(0.0, seconds))
+
+    def _wait_or_stop(self, seconds: float) -> None:
+        if self._wait(seconds):
+            raise Stopped()
+
+    @property
+    def time_unit(self) -> float:
+        """Real seconds per nominal second: 1 on the real service, 1/S on a simulator
+        running S times faster (1 until a token or a cursor lifetime has been seen)."""
+        return self._unit if self._unit is not None else 1.0
+
+    def _learn_time_unit(self, reported_s: float | None, nominal_s: float) -> None:
+        """The largest unit seen wins: a stale cached `cursorExpiresIn` can only read low."""
+        if reported_s is not None and reported_s > 0:
+            unit = min(1.0, max(0.001, reported_s / nominal_s))
+            self._unit = unit if self._unit is None else max(self._unit, unit)
+
+    # -- secrets --------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for secret in (self.config.api_key, self._token.token if self._token else None):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _fail_message(self, path: str, outcome: Outcome) -> str:
+        hint = FAIL_HINTS.get(outcome.status or 0, "refused")
+        said = f": {self._scrub(outcome.message)}" if outcome.message else ""
+        return f"{path}: {outcome.describe()}, {hint}{said}"
+
+    # -- one request ----------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> tuple[Outcome, bytes]:
+        """One HTTP exchange with the whole body read; never raises a transport error."""
+        timeout = (min(10.0, self.config.request_timeout), self.config.request_timeout)
+        self.stats["requests"] += 1
+        try:
+            response = self.session.request(method, url, headers=headers, timeout=timeout, **kwargs)
+            body = response.content  # reads the body: cut streams raise here
+        except requests.exceptions.RequestException as exc:
+            return Outcome(exc=exc), b""
+        # Requests the adapter's Retry already repeated (5xx, resets) count too.
+        history = getattr(getattr(response.raw, "retries", None), "history", ())
+        self.stats["requests"] += len(history)
+        self.stats["retries"] += len(history)
+        self.stats["http_5xx"] += sum(1 for step in history if step.status and step.status >= 500)
+        self.stats["bytes"] += len(body)
+        status = response.status_code
+        if status == 429:
+            self.stats["http_429"] += 1
+        elif status >= 500:
+            self.stats["http_5xx"] += 1
+        outcome = Outcome(status=status, headers=response.headers)
+        if status >= 300:
+            try:
+                doc = decode_json(body)
+            except ValueError:  # an HTML error page from the load balancer
+                doc = None
+            if isinstance(doc, dict):
+                outcome.body = doc
+                outcome.code = doc.get("code") if isinstance(doc.get("code"), str) else None
+                outcome.message = doc.get("message") if isinstance(doc.get("message"), str) else None
+        return outcome, body
+
+    def _log_retry(self, path: str, outcome: Outcome, attempt: int, limit: int | None, wait: float, what: str) -> None:
+        self.stats["retries"] += 1
+        of = f"/{limit}" if limit else ""
+        logger.warning(
+            "{} {}: {} (attempt {}{}), waiting {:.2f}s", path, outcome.describe(), what, attempt, of, wait
+        )
+
+    # -- stream token -----------------------------------------------------------------------
+
+    def _obtain_token(self, attempts: int) -> None:
+        """POST stream-access with the dashboard signals until a token is issued."""
+        url = self._root + STREAM_ACCESS_PATH
+        headers = {
+            "X-API-Key": self.config.api_key,
+            "User-Agent": BROWSER_UA,
+            "Origin": self._origin,
+            "Referer": self._origin + "/",
+            "Cookie": f"dashboard_api_key={self.config.api_key}",
+            "X-Requested-With": "XMLHttpRequest",
+            "Content-Type": "application/json",
+        }
+        outcome = Outcome()
+        for attempt in range(1, attempts + 1):
+            if self._should_stop():
+                raise Stopped()
+            issued_at = self._clock()
+            outcome, body = self._send("POST", url, headers, data=b"{}")
+            action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, "token")
+            if action is Action.OK:
+                try:
+                    token, lifetime = parse_stream_access(decode_json(body) if body.strip() else None, issued_at)
+                except (ValueError, BadBody) as exc:
+                    outcome.exc = exc if isinstance(exc, BadBody) else BadBody("invalid JSON")
+                    action = Action.RETRY
+                else:
+                    add_secrets([token.token])
+                    self._token = token
+                    self.stats["token_refreshes"] += 1
+                    self._learn_time_unit(lifetime, NOMINAL_TOKEN_TTL_S)
+                    return
+            if action is Action.FAIL:
+                raise FatalApiError(self._fail_message(STREAM_ACCESS_PATH, outcome))
+            if action is not Action.RETRY and action is not Action.WAIT:
+                raise SourceUnavailable(f"stream-access refused a token: {outcome.describe()}")
+            if attempt == attempts:
+                break
+            told = retry_after_seconds(outcome.headers, outcome.body, self._clock())
+            delay = told if told is not None else TOKEN_BACKOFF_S * attempt * self.time_unit
+            self._log_retry(STREAM_ACCESS_PATH, outcome, attempt, attempts, delay, "no stream token yet")
+            self._wait_or_stop(delay)
+        raise SourceUnavailable(f"no stream token after {attempts} attempt(s): {outcome.describe()}")
+
+    def _ensure_token(self) -> StreamToken:
+        """A token with life left. Renewed at ~80% of its lifetime; if that early renewal
+        fails, the current token is used until it really expires (no stall)."""
+        now = self._clock()
+        token = self._token
+        if token is not None and now < token.refresh_at:
+            return token
+        if token is not None and now < token.expires_at:
+            try:
+                self._obtain_token(attempts=1)
+            except SourceUnavailable as exc:
+                logger.warning("early stream token renewal failed ({}); the current one is still valid", exc)
+                token.refresh_at = now + (token.expires_at - now) / 2  # try again halfway to expiry
+                return token
+        else:
+            self._obtain_token(attempts=TOKEN_ATTEMPTS)
+        assert self._token is not None
+        return self._token
+
+    # -- cursors ----------------------------------------------------------------------------
+
+    def _live_cursor(self, cursor: str | None) -> str | None:
+        """The cursor with `exp` pushed forward if it would expire before the server sees it.
+        A cursor that does not decode is sent as is: the server is the judge."""
+        if cursor is None:
+            return None
+        now_ms = int(self._clock() * 1000)
+        margin_ms = int(CURSOR_MARGIN_S * self.time_unit * 1000) + 200
+        try:
+            expiring = cursor_expiring(cursor, now_ms, margin_ms)
+        except ValueError:
+            return cursor
+        if not expiring:
+            return cursor
+        self.stats["cursor_refreshes"] += 1
+        return refresh_cursor(cursor, now_ms, CURSOR_TTL_MS)
+
+    # -- pages ------------------------------------------------------------------------------
+
+    def fetch_page(
+        self,
+        source: str,
+        cursor: str | None,
+        since: int | None = None,
+        until: int | None = None,
+        limit: int | None = None,
+    ) -> Page:
+        """One complete page of `source` ("feed" or "events") after `cursor`.
+
+        Paced by the source's limiter, retried until it succeeds, `config.max_attempts`
+        transient faults have happened (ApiError), a terminal answer arrives
+        (FatalApiError), or a shutdown is requested during a wait (Stopped).
+        """
+        if source not in self._limiters:
+            raise ValueError(f"unknown source {source!r}")
+        limiter = self._limiters[source]
+        params: dict[str, Any] = {"limit": limit if limit is not None else self.config.page_limit}
+        if source == "feed":
+            params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
+        faults = rate_limited = cursor_expired = 0
+        while True:
+            if self._should_stop():
+                raise Stopped()
+            if limiter is not None and not limiter.acquire(self._wait):
+                raise Stopped()
+            headers = {"X-API-Key": self.config.api_key}
+            if source == "feed":
+                token = self._ensure_token()
+                headers[token.header] = token.token
+                path = token.feed_path
+                url = self._root + path
+            else:
+                path = API_SUFFIX + "/events"
+                url = self._api_url + "/events"
+            cursor = self._live_cursor(cursor)
+            if cursor is not None:
+                params["cursor"] = cursor
+            outcome, body = self._send("GET", url, headers, params=params)
+            if source == "events" and limiter is not None and outcome.status is not None:
+                limiter.observe(*rate_headers(outcome.headers, self._clock()))
+            page: Page | None = None
+            if outcome.status is not None and 200 <= outcome.status < 300:
+                try:
+                    page, cursor_ttl = parse_page(body, outcome.status)
+                    self._learn_time_unit(cursor_ttl, NOMINAL_CURSOR_TTL_S)
+                except BadBody as exc:
+                    self.stats["truncated"] += 1
+                    outcome.exc = exc
+            action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, source)
+
+            if action is Action.OK and page is not None:
+                if source == "feed":
+                    self._token_on_probation = False
+                return page
+            if action is Action.DRAINED:
+                return Page([], None, False, None, len(body), outcome.status or 0)
+            if action is Action.RETRY:
+                faults += 1
+                if faults >= self.config.max_attempts:
+                    raise ApiError(f"{path}: gave up after {faults} attempts; last: {outcome.describe()}")
+                delay = backoff(faults, RETRY_BASE_S * self.time_unit, RETRY_CAP_S * self.time_unit)
+                # Only an explicit Retry-After (a 503's): X-RateLimit-Reset on a damaged 200
+                # is the pacing window, which the limiter already handles.
+                told = retry_after_seconds(_only_retry_after(outcome.headers), None, self._clock())
+                delay = max(delay, told or 0.0)
+                self._log_retry(path, outcome, faults, self.config.max_attempts, delay, "transient fault")
+                self._wait_or_stop(delay)
+            elif action is Action.WAIT:
+                rate_limited += 1
+                if rate_limited > MAX_RATE_LIMITED:
+                    raise ApiError(f"{path}: still rate limited after {MAX_RATE_LIMITED} waits")
+                told = retry_after_seconds(outcome.headers, outcome.body, self._clock())
+                fallback = min(RATE_LIMITED_CAP_S, RATE_LIMITED_BASE_S * rate_limited) * self.time_unit
+                delay = told if told is not None else backoff(1, fallback, RATE_LIMITED_CAP_S * self.time_unit, 0.1)
+                self._log_retry(path, outcome, rate_limited, None, delay, "rate limited")
+                if limiter is not None:
+                    limiter.penalise(delay)  # the next acquire waits, for every process
+                else:
+                    self._wait_or_stop(delay)
+            elif action is Action.REFRESH_TOKEN:
+                if self._token_on_probation:
+                    raise FatalApiError(f"{path}: a fresh stream token was refused too ({outcome.describe()})")
+                self._log_retry(path, outcome, 1, None, 0.0, "stream token refused, renewing it")
+                self._obtain_token(TOKEN_ATTEMPTS)
+                self._token_on_probation = True
+            elif action is Action.REFRESH_CURSOR:
+                cursor_expired += 1
+                cursor = self._revive_cursor(path, outcome, cursor, cursor_expired)
+            else:  # FAIL, or UNAVAILABLE (which only stream-access produces)
+                raise FatalApiError(self._fail_message(path, outcome))
+
+    def _revive_cursor(self, path: str, outcome: Outcome, cursor: str | None, times: int) -> str:
+        """CURSOR_EXPIRED although `exp` was checked (clock skew, a long stall): first the same
+        position with a new `exp`; then a cursor forged just above its `ts`, which can repeat
+        a few events (deduped on id) but never skips one; then give up."""
+        try:
+            position = decode_cursor(cursor) if cursor is not None else None
+        except ValueError:
+            position = None
+        if position is None or times > 2:
+            raise FatalApiError(f"{path}: the cursor keeps expiring ({outcome.describe()}); is the clock right?")
+        now_ms = int(self._clock() * 1000)
+        self._log_retry(path, outcome, times, 2, 0.0, "cursor expired, " + ("refreshing" if times == 1 else "re-positioning"))
+        self.stats["cursor_refreshes"] += 1
+        if times == 1:
+            return refresh_cursor(cursor or "", now_ms, CURSOR_TTL_MS)
+        return position_cursor(int(position["ts"]) + 1, now_ms, CURSOR_TTL_MS * 10)
+
+
+def _only_retry_after(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.lower() == "retry-after"}
+
+
+def rate_headers(headers: Mapping[str, str], now_epoch: float) -> tuple[int | None, float | None]:
+    """`X-RateLimit-Remaining`, and `X-RateLimit-Reset` as seconds left in the window (the
+    API sends relative seconds; an epoch, should one appear, is converted)."""
+    remaining: int | None = None
+    reset: float | None = None
+    try:
+        remaining = int(float(headers.get("X-RateLimit-Remaining", "")))
+    except ValueError:
+        pass
+    if headers.get("X-RateLimit-Reset") is not None:
+        reset = retry_after_seconds({"X-RateLimit-Reset": headers["X-RateLimit-Reset"]}, None, now_epoch)
+    return remaining, reset

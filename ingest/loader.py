@@ -1,0 +1,406 @@
+"""Loaders: claim a ready segment, load it in ONE transaction with its ledger row, retire it.
+
+The ledger row (primary key = segment id) is inserted first in the same transaction as
+the rows, so "loaded" and "recorded as loaded" commit together: a crash before the commit
+leaves nothing, a crash after it is healed by `segments.reconcile`, and loading a segment
+twice is a no-op. Rows go through a temporary staging table so that duplicates (overlapping
+partitions, retries) are absorbed by `ON CONFLICT (id) DO NOTHING` and reject rows can be
+routed to `ingest_rejects`. The file is streamed to COPY in large reads: no per-row Python
+work unless COPY refuses a line, and then only to cut that line out.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import psycopg2
+import psycopg2.extensions
+from loguru import logger
+from psycopg2 import sql
+
+from ingest import db
+from ingest.config import Config
+from ingest.logs import configure_logging
+from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
+from ingest.tsv import COLUMNS, encode_row
+
+READ_SIZE = 4 << 20  # bytes per COPY chunk
+POLL_INTERVAL = 0.05  # seconds between looks at an empty ready/
+TEMP_BUFFERS = "64MB"  # keeps a large segment's staging table in memory
+
+STAGING_DDL = (
+    "CREATE TEMP TABLE staging (id text, occurred_at timestamptz, type text, name text, user_id text,"
+    " session_id text, payload jsonb, reject_reason text, raw text) ON COMMIT DROP"
+)
+COPY_STAGING = f"COPY staging ({', '.join(COLUMNS)}) FROM STDIN"
+# A row the events table can take; anything else (a reject row, or a hand-made line with
+# a NULL where the table needs a value) goes to ingest_rejects instead.
+STORABLE = "reject_reason IS NULL AND id IS NOT NULL AND occurred_at IS NOT NULL AND payload IS NOT NULL"
+INSERT_EVENTS = sql.SQL(
+    "INSERT INTO {table} (id, occurred_at, type, name, user_id, session_id, payload, ingested_at)"
+    " SELECT id, occurred_at, type, name, user_id, session_id, payload, now() FROM staging"
+    " WHERE " + STORABLE + " ON CONFLICT (id) DO NOTHING"
+)
+# A reject seen again (re-fetched after a crash, or by two overlapping partitions) is
+# stored once: the same raw text already recorded by another segment is skipped.
+INSERT_REJECTS = (
+    "INSERT INTO ingest_rejects (segment_id, reason, raw, rejected_at)"
+    " SELECT %(segment)s, coalesce(reject_reason, 'segment line without id, occurred_at or payload'), s.raw, now()"
+    " FROM (SELECT reject_reason, coalesce(raw, payload::text, id) AS raw FROM staging"
+    "       WHERE NOT (" + STORABLE + ")) s"
+    " WHERE NOT EXISTS (SELECT 1 FROM ingest_rejects r"
+    "                   WHERE md5(r.raw) = md5(s.raw) AND r.raw = s.raw AND r.segment_id <> %(segment)s)"
+)
+_COPY_LINE = re.compile(r"\bCOPY \w+, line (\d+)")
+_COPY_COLUMN = re.compile(r"\bcolumn (\w+)")
+
+
+@dataclass
+class LoadResult:
+    segment_id: str
+    rows: int
+    inserted: int
+    duplicates: int
+    rejected: int
+    bytes: int
+    skipped: bool
+
+
+# ---------------------------------------------------------------------------------------
+# One segment, one transaction
+
+
+def copy_line_number(exc: psycopg2.Error) -> int | None:
+    """The 1-based line COPY stopped at, from the error context ("COPY staging, line 7, ...")."""
+    match = _COPY_LINE.search(getattr(exc.diag, "context", None) or "")
+    return int(match.group(1)) if match else None
+
+
+def copy_reason(exc: psycopg2.Error) -> str:
+    """The server's message (and column): what an operator needs to fix the source line."""
+    message = exc.diag.message_primary or str(exc).strip().splitlines()[0]
+    column = _COPY_COLUMN.search(exc.diag.context or "")
+    return f"{message} (column {column.group(1)})" if column else message
+
+
+def line_text(line: bytes) -> str:
+    """A refused line as storable text: invalid UTF-8 and NUL bytes shown as escapes."""
+    return line.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines as COPY numbers them: every segment line ends in \\n (a raw \\r is an error
+    inside a line, never a line break)."""
+    pieces = data.split(b"\n")
+    tail = pieces.pop()
+    return [p + b"\n" for p in pieces] + ([tail] if tail else [])
+
+
+def _copy(cur: psycopg2.extensions.cursor, source: BinaryIO) -> None:
+    cur.copy_expert(COPY_STAGING, source, size=READ_SIZE)
+
+
+def _transaction(
+    conn: psycopg2.extensions.connection, path: Path, segment_id: str, table: str, source: BinaryIO | None
+) -> LoadResult | psycopg2.DataError:
+    """Ledger row, staging, COPY, insert, rejects, counts, commit. A COPY data error is
+    returned (after rollback) for the caller to cut the line out; anything else raises."""
+    size = path.stat().st_size
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO ingest_segments (segment_id) VALUES (%s) ON CONFLICT DO NOTHING", (segment_id,))
+        if cur.rowcount == 0:
+            conn.rollback()
+            return LoadResult(segment_id, 0, 0, 0, 0, size, skipped=True)
+        cur.execute(STAGING_DDL)
+        try:
+            if source is None:
+                with open(path, "rb") as f:
+                    _copy(cur, f)
+            else:
+                _copy(cur, source)
+        except psycopg2.DataError as exc:
+            conn.rollback()
+            return exc
+        rows = cur.rowcount
+        cur.execute(INSERT_EVENTS.format(table=sql.Identifier(table)))
+        inserted = cur.rowcount
+        cur.execute(INSERT_REJECTS, {"segment": segment_id})
+        rejected = cur.rowcount
+        duplicates = rows - inserted - rejected
+        cur.execute(
+            "UPDATE ingest_segments SET rows = %s, inserted = %s, duplicates = %s, rejected = %s, bytes = %s,"
+            " loaded_at = now() WHERE segment_id = %s",
+            (rows, inserted, duplicates, rejected, size, segment_id),
+        )
+    conn.commit()
+    return LoadResult(segment_id, rows, inserted, duplicates, rejected, size, skipped=False)
+
+
+def _without_refused(lines: list[bytes], refused: dict[int, str]) -> tuple[bytes, list[int]]:
+    """The segment minus refused lines, plus a reject row for each; and which original
+    line each kept line is (COPY's line numbers refer to this new data)."""
+    kept = [i for i in range(len(lines)) if i not in refused]
+    rejects = [encode_row([None] * 7 + [reason, line_text(lines[i])]) for i, reason in sorted(refused.items())]
+    return b"".join([*(lines[i] for i in kept), *rejects]), kept
+
+
+def load_segment(conn: psycopg2.extensions.connection, path: Path, segment_id: str, table: str) -> LoadResult:
+    """Load one segment exactly once (see the module docstring).
+
+    When COPY refuses a line, that line is identified (from the error's line number, by
+    bisection when there is none), replaced by a reject row carrying PostgreSQL's message,
+    and the whole transaction is redone, until COPY takes everything.
+    """
+    outcome = _transaction(conn, path, segment_id, table, None)
+    if isinstance(outcome, LoadResult):
+        return outcome
+    lines = split_lines(path.read_bytes())
+    refused: dict[int, str] = {}
+    kept = list(range(len(lines)))
+    while not isinstance(outcome, LoadResult):
+        number = copy_line_number(outcome)
+        if number is not None and number <= len(kept):
+            index, reason = kept[number - 1], copy_reason(outcome)
+        elif number is None:
+            position, reason = find_first_bad_line(conn, [lines[i] for i in kept])
+            index = kept[position]
+        else:  # COPY refused one of our own reject rows: a bug, never data to drop
+            raise outcome
+        refused[index] = reason
+        logger.warning("segment {}: line {} refused by COPY: {}", segment_id, index + 1, reason)
+        data, kept = _without_refused(lines, refused)
+        outcome = _transaction(conn, path, segment_id, table, io.BytesIO(data))
+    return outcome
+
+
+def _probe(cur: psycopg2.extensions.cursor, lines: list[bytes]) -> psycopg2.DataError | None:
+    cur.execute("SAVEPOINT probe")
+    try:
+        _copy(cur, io.BytesIO(b"".join(lines)))
+    except psycopg2.DataError as exc:
+        return exc
+    finally:
+        cur.execute("ROLLBACK TO SAVEPOINT probe")
+    return None
+
+
+def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]) -> tuple[int, str]:
+    """Bisect for the first line COPY refuses, for errors that carry no line number.
+
+    Invariant: the first `good` lines load and the first `bad` lines do not. Each probe is
+    a COPY into a scratch table inside a savepoint; everything is rolled back at the end.
+    """
+    good, bad = 0, len(lines)
+    with conn.cursor() as cur:
+        cur.execute(STAGING_DDL)
+        error = _probe(cur, lines)
+        if error is None:
+            conn.rollback()
+            raise RuntimeError("COPY failed without a line number, but every line loads")
+        reason = copy_reason(error)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            error = _probe(cur, lines[:mid])
+            if error is None:
+                good = mid
+            else:
+                bad, reason = mid, copy_reason(error)
+    conn.rollback()
+    return bad - 1, reason
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def retry_delay(attempt: int) -> float:
+    """Backoff for transient database errors: 0.5 s doubling to at most 30 s."""
+    return min(30.0, 0.5 * 2**attempt)
+
+
+def wait_or_stop(seconds: float, should_stop: Callable[[], bool]) -> bool:
+    """Sleep in short steps so shutdown is never delayed; True when asked to stop."""
+    deadline = time.monotonic() + seconds
+    while not should_stop():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.1, left))
+    return True
+
+
+def _connect(dsn: str) -> psycopg2.extensions.connection:
+    conn = db.connect(dsn, application_name="datasync-ingest-loader")
+    conn.set_client_encoding("UTF8")
+    with conn.cursor() as cur:
+        cur.execute("SET temp_buffers = %s", (TEMP_BUFFERS,))
+    conn.commit()
+    return conn
+
+
+def _close(conn: psycopg2.extensions.connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:  # already broken: nothing left to release
+            logger.debug("closing a broken connection failed")
+
+
+class _Loader:
+    """Connection state across segments; reconnects after transient errors."""
+
+    def __init__(self, config: Config, dsn: str, store: SegmentStore, should_stop: Callable[[], bool]) -> None:
+        self.config, self.dsn, self.store, self.should_stop = config, dsn, store, should_stop
+        self.conn: psycopg2.extensions.connection | None = None
+
+    def load(self, path: Path) -> LoadResult | None:
+        """The claimed segment loaded (or skipped as already loaded); None if it was put back
+        in ready/ (stopped while the database was unavailable, or rejected as a whole)."""
+        seg = id_of(path)
+        attempt = 0
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = _connect(self.dsn)
+                return load_segment(self.conn, path, seg, self.config.table)
+            except (psycopg2.DataError, psycopg2.IntegrityError) as exc:
+                _close(self.conn)
+                self.conn = None
+                reason = f"cannot load segment: {db.describe_error(exc)}"
+                logger.error("segment {}: {}", seg, reason)
+                reject(self.store, path, reason)
+                return None
+            except psycopg2.Error as exc:
+                if not db.is_transient(exc):
+                    requeue(self.store, path)  # a restarted loader may try again
+                    raise
+                _close(self.conn)
+                self.conn = None
+                delay = retry_delay(attempt)
+                attempt += 1
+                logger.warning(
+                    "segment {}: database error, retrying in {:.1f}s (attempt {}): {}",
+                    seg, delay, attempt, db.describe_error(exc),
+                )
+                if wait_or_stop(delay, self.should_stop):
+                    requeue(self.store, path)
+                    return None
+
+    def close(self) -> None:
+        _close(self.conn)
+        self.conn = None
+
+
+def loader_loop(
+    config: Config,
+    dsn: str,
+    should_stop: Callable[[], bool],
+    fetch_done: Callable[[], bool],
+    on_loaded: Callable[[LoadResult], None] = lambda r: None,
+    pid: int | None = None,
+) -> None:
+    """claim -> load -> retire -> on_loaded, until stopped, or until ready/ is empty after
+    the fetchers are done. `fetch_done` is read BEFORE claiming: a segment sealed just
+    before the fetchers finish is then always seen by the claim that follows."""
+    store = SegmentStore(config.segments_dir)
+    store.ensure()
+    pid = pid if pid is not None else os.getpid()
+    loader = _Loader(config, dsn, store, should_stop)
+    try:
+        while not should_stop():
+            done = fetch_done()
+            path = claim(store, pid)
+            if path is None:
+                if done:
+                    return
+                wait_or_stop(POLL_INTERVAL, should_stop)
+                continue
+            result = loader.load(path)
+            if result is None:
+                continue
+            retire(store, path, keep=config.keep_segments)
+            logger.debug("loaded {}", asdict(result))
+            on_loaded(result)
+    finally:
+        loader.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+# `totals` slots, when a caller passes the optional Array('q', 5) to `loader_process`.
+TOTAL_FIELDS = ("segments", "rows", "inserted", "duplicates", "rejected")
+
+
+def loader_process(
+    config: Config,
+    dsn: str,
+    fetch_done_event: Any,
+    stop_event: Any,
+    loaded_counter: Any,
+    totals: Any = None,
+) -> None:
+    """Process entry point (spawn-safe). `loaded_counter` (Value('q')) receives the number of
+    rows inserted into the events table; the optional `totals` (Array('q', 5)) receives
+    segments, rows, inserted, duplicates and rejected, in `TOTAL_FIELDS` order. Skipped
+    (already loaded) segments add nothing. Exits when `stop_event` is set or the parent dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
+    configure_logging(config.log_format, config.log_level, config.secrets(), process=f"loader-{os.getpid()}")
+    # The pid the parent had when it started us (os.getppid() now could already be init's).
+    spawner = mp.parent_process()
+    parent = spawner.pid if spawner is not None and spawner.pid is not None else os.getppid()
+
+    def should_stop() -> bool:
+        return bool(stop_event.is_set()) or os.getppid() != parent
+
+    def on_loaded(result: LoadResult) -> None:
+        if result.skipped:
+            return
+        with loaded_counter.get_lock():
+            loaded_counter.value += result.inserted
+        if totals is not None:
+            with totals.get_lock():
+                for i, value in enumerate((1, result.rows, result.inserted, result.duplicates, result.rejected)):
+                    totals[i] += value
+
+    try:
+        loader_loop(config, dsn, should_stop, fetch_done_event.is_set, on_loaded)
+    except Exception as exc:
+        logger.error("loader failed: {}", db.describe_error(exc))
+        raise SystemExit(1) from exc
+
+
+def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:
+    """Load everything in ready/ with `workers` processes and wait for them: the `load`
+    command. Run reconcile first if a crash may have left segments in loading/."""
+    ctx = mp.get_context("spawn")
+    fetch_done, stop = ctx.Event(), ctx.Event()
+    fetch_done.set()
+    loaded = ctx.Value("q", 0)
+    totals = ctx.Array("q", len(TOTAL_FIELDS))
+    procs = [
+        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, loaded, totals), name=f"loader-{i}")
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} loader(s) failed (exit codes {failed})")
+    return dict(zip(TOTAL_FIELDS, totals[:], strict=True))

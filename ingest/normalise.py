@@ -1,0 +1,325 @@
+"""API events -> segment lines (TSV rows for `events`, or reject rows). Pure functions.
+
+Two promises shape this module. `payload` must be the event exactly as the API sent it
+(equal as jsonb), so nothing may be rounded or re-interpreted on the way; and nothing may
+be dropped silently, so an event PostgreSQL cannot store (no usable id, no parseable
+timestamp, a NUL character, a lone surrogate, not an object) becomes a reject row that
+carries the reason and the event's ASCII-safe JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, NamedTuple
+
+import orjson
+
+from ingest.tsv import encode_row, escape
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+# Python's datetime range bounds what we can format; PostgreSQL's range is wider.
+_MIN_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // _ONE_US
+_MAX_US = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // _ONE_US
+
+# ---------------------------------------------------------------------------------------
+# JSON decoding
+
+
+class _NotJSON(ValueError):
+    """NaN/Infinity literals: Python accepts them, JSON (and jsonb) do not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(f"not JSON: {name}")
+
+
+def _exact_int(text: str) -> int | Decimal:
+    # Python refuses int() of more than 4300 digits; Decimal has no such limit.
+    return int(text) if len(text) <= 4000 else Decimal(text)
+
+
+# A number token (after ':' ',' or '[') that a double may not hold exactly: an exponent,
+# or 17+ digits/dots (doubles keep every decimal of up to 15 significant digits).
+_RISKY_NUMBER = re.compile(rb"[:,\[]\s*-?(?:[0-9.]{17}|[0-9.]+[eE])")
+
+
+def _decode_exact(body: bytes) -> Any:
+    return json.loads(
+        body.decode("utf-8"), parse_float=Decimal, parse_int=_exact_int, parse_constant=_refuse_constant
+    )
+
+
+def decode_json(body: bytes) -> Any:
+    """orjson when it provably keeps every value, else the stdlib with Decimal numbers.
+
+    orjson refuses lone surrogate escapes and numbers beyond double range, and silently
+    turns integers beyond 64 bits (and over-long decimals) into doubles. When re-encoding
+    its result gives back the body byte for byte nothing was altered (the common case for
+    compact bodies); otherwise a scan for risky number tokens decides. Raises ValueError
+    when the body is not JSON at all (empty, truncated), which callers treat as transient.
+    """
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _decode_exact(body)
+    if orjson.dumps(value) != body and _RISKY_NUMBER.search(body):
+        return _decode_exact(body)
+    return value
+
+
+def _encode(value: Any, ascii_only: bool) -> str:
+    """Compact JSON for what orjson cannot write: Decimal, big ints, lone surrogates."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=ascii_only)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        return float.__repr__(value) if math.isfinite(value) else "null"  # as orjson writes them
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k), ensure_ascii=ascii_only)}:{_encode(v, ascii_only)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_encode(v, ascii_only) for v in value) + "]"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # Decimal, ints beyond 64 bits, lone surrogates
+        return _encode(value, ascii_only=False).encode("utf-8", "surrogatepass")
+
+
+def ascii_json(value: Any, limit: int | None = None) -> str:
+    """JSON text that PostgreSQL text always accepts (no NUL byte, no surrogate)."""
+    text = _encode(value, ascii_only=True)
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# Timestamps
+
+# Zero-width characters and C0/C1 control characters, deleted wherever they appear.
+_JUNK = dict.fromkeys([0x200B, 0x200C, 0x200D, 0xFEFF, *range(0x20), *range(0x7F, 0xA0)])
+_NUMERIC = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+# (upper bound of |value|, microseconds per unit): seconds, milliseconds, µs, else ns.
+_UNITS = ((Decimal(10) ** 11, Decimal(1_000_000)), (Decimal(10) ** 14, Decimal(1000)), (Decimal(10) ** 17, Decimal(1)))
+_NS = Decimal("0.001")
+
+
+def _in_range(us: int) -> int | None:
+    return us if _MIN_US <= us <= _MAX_US else None
+
+
+def _from_number(value: float | Decimal) -> int | None:
+    """The unit follows the magnitude (DESIGN.md: < 1e11 s, < 1e14 ms, < 1e17 µs, else ns)."""
+    try:
+        exact = Decimal(value)
+    except (InvalidOperation, ValueError):
+        return None
+    if not exact.is_finite():
+        return None
+    factor = next((f for bound, f in _UNITS if abs(exact) < bound), _NS)
+    return _in_range(int((exact * factor).to_integral_value()))
+
+
+def _from_iso(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:  # the API documents UTC; a bare local time can only mean that
+        moment = moment.replace(tzinfo=UTC)
+    return _in_range((moment - EPOCH) // _ONE_US)
+
+
+def _from_text(text: str) -> int | None:
+    if not _NUMERIC.fullmatch(text):
+        us = _from_iso(text)
+        if us is not None:
+            return us
+    cleaned = text.translate(_JUNK).strip()
+    if _NUMERIC.fullmatch(cleaned):
+        return _from_number(Decimal(cleaned))
+    return _from_iso(cleaned.upper())
+
+
+def parse_timestamp(value: object) -> int | None:
+    """Epoch microseconds UTC, or None when `value` is no timestamp we can read."""
+    if type(value) is int and 100_000_000_000 <= value < 100_000_000_000_000:  # the API's epoch ms
+        return value * 1000
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, Decimal)):
+        return _from_number(value)
+    if isinstance(value, str):
+        return _from_text(value)
+    return None
+
+
+_MINUTES: dict[int, str] = {}  # minute -> "YYYY-MM-DDTHH:MM:"; a page spans few minutes
+
+
+def format_timestamp(us: int) -> str:
+    """ISO-8601 UTC with microseconds: PostgreSQL's timestamptz input reads it exactly.
+    (The per-minute prefix cache halves the cost of this, the fetcher's hottest call.)"""
+    minute, rest = divmod(us, 60_000_000)
+    prefix = _MINUTES.get(minute)
+    if prefix is None:
+        if len(_MINUTES) >= 4096:
+            _MINUTES.clear()
+        prefix = _MINUTES[minute] = (EPOCH + timedelta(minutes=minute)).isoformat()[:17]
+    second, fraction = divmod(rest, 1_000_000)
+    return f"{prefix}{second:02d}.{fraction:06d}+00:00"
+
+
+# ---------------------------------------------------------------------------------------
+# Events
+
+
+class Normalised(NamedTuple):
+    line: bytes
+    event_id: str | None
+    ts_ms: int | None
+    reason: str | None
+
+
+class PageRows(NamedTuple):
+    data: bytes
+    rows: int
+    rejected: int
+    min_ts_ms: int | None
+
+
+def _unstorable_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone surrogate"
+    return None
+
+
+def _path_text(path: list[str]) -> str:
+    return ".".join(path) if path else "the event"
+
+
+def _unstorable(value: Any, path: list[str] | None = None) -> str | None:
+    """Why PostgreSQL text/jsonb cannot hold this value (NUL, lone surrogate), and where."""
+    path = path or []
+    if isinstance(value, str):
+        problem = _unstorable_text(value)
+        return f"{problem} in {_path_text(path)}" if problem else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _unstorable_text(key) if isinstance(key, str) else None
+            if problem:
+                return f"{problem} in a key of {_path_text(path)}"
+            found = _unstorable(item, [*path, ascii_json(str(key), 40)[1:-1]])
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unstorable(item, [*path, f"[{index}]"])
+            if found:
+                return found
+    return None
+
+
+def _field(value: Any) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    return _json_bytes(value).decode("utf-8")
+
+
+def reject_line(event: Any, reason: str) -> bytes:
+    """A reject row: the id when it is a storable string, the reason, the ASCII JSON text."""
+    eid = event.get("id") if isinstance(event, dict) else None
+    keep_id = eid if isinstance(eid, str) and eid and _unstorable_text(eid) is None else None
+    return encode_row((keep_id, None, None, None, None, None, None, reason, ascii_json(event)))
+
+
+def _reject(event: Any, reason: str) -> Normalised:
+    eid = event.get("id") if isinstance(event, dict) else None
+    return Normalised(reject_line(event, reason), eid if isinstance(eid, str) else None, None, reason)
+
+
+def normalise_event(event: object) -> Normalised:
+    """One decoded API event -> its segment line (see the module docstring)."""
+    if type(event) is not dict:
+        return _reject(event, "not an object")
+    eid = event.get("id")
+    if eid is None:
+        return _reject(event, "missing id")
+    if type(eid) is not str:
+        return _reject(event, "id is not a string")
+    if not eid:
+        return _reject(event, "empty id")
+    try:
+        payload = orjson.dumps(event)
+    except TypeError:
+        payload = b""
+    # orjson writes NUL as \u0000 and refuses surrogates; a hit here is only a candidate
+    # (an escaped backslash followed by "u0000" matches too), so look closer.
+    if not payload or b"\\u0000" in payload:
+        problem = _unstorable(event)
+        if problem:
+            return _reject(event, problem)
+        payload = payload or _json_bytes(event)
+    stamp = event.get("timestamp")
+    if stamp is None:
+        return _reject(event, "missing timestamp")
+    us = parse_timestamp(stamp)
+    if us is None:
+        return _reject(event, f"unparseable timestamp: {ascii_json(stamp, 100)}")
+    head = "\t".join(
+        "\\N" if f is None else escape(f)
+        for f in (
+            eid,
+            format_timestamp(us),
+            _field(event.get("type")),
+            _field(event.get("name")),
+            _field(event.get("userId")),
+            _field(event.get("sessionId")),
+        )
+    )
+    # JSON text never holds a raw tab, newline or carriage return; backslash is all to escape.
+    line = head.encode("utf-8") + b"\t" + payload.replace(b"\\", b"\\\\") + b"\t\\N\t\\N\n"
+    return Normalised(line, eid, us // 1000, None)
+
+
+def normalise_page(events: list[Any], window: tuple[int, int] | None = None) -> PageRows:
+    """A page's lines, equal to concatenating `normalise_event` lines.
+
+    With `window=(lo, hi)` (epoch ms) only events whose timestamp is in [lo, hi) are
+    kept: the others belong to another fetch partition, which stores them. Rejects have
+    no usable timestamp and are always kept.
+    """
+    parts: list[bytes] = []
+    rejected = 0
+    min_ts: int | None = None
+    for event in events:
+        line, _, ts, _ = normalise_event(event)
+        if ts is None:  # a reject (only rejects lack a timestamp)
+            rejected += 1
+        elif window is not None and not (window[0] <= ts < window[1]):
+            continue
+        elif min_ts is None or ts < min_ts:
+            min_ts = ts
+        parts.append(line)
+    return PageRows(b"".join(parts), len(parts), rejected, min_ts)

@@ -1,0 +1,539 @@
+"""The loader against a real PostgreSQL: exactly once, bad lines, crashes, transient errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg2
+import psycopg2.extensions
+import pytest
+from loguru import logger
+
+import ingest.loader as loader_module
+from ingest import db
+from ingest.config import Config
+from ingest.loader import (
+    LoadResult,
+    find_first_bad_line,
+    load_ready,
+    load_segment,
+    loader_loop,
+    loader_process,
+    retry_delay,
+    split_lines,
+)
+from ingest.normalise import normalise_page
+from ingest.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
+from ingest.tsv import encode_row
+
+BASE_MS = 1766946793000
+TABLE = "events"
+
+
+def api_event(n: int, prefix: str = "e") -> dict[str, Any]:
+    """An event shaped like the API's (section 6): mixed epoch-ms / ISO timestamps."""
+    ms = BASE_MS + n * 37
+    stamp: Any = ms if n % 3 == 0 else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return {
+        "id": f"{prefix}-{n:08d}",
+        "sessionId": f"s-{n // 50}",
+        "userId": f"u-{n // 1000}",
+        "type": "click",
+        "name": f"event_{n % 999999:06d}",
+        "properties": {"page": "/home", "tab\there": "line\nbreak \\ \u00e9"},
+        "timestamp": stamp,
+        "session": {"id": f"s-{n // 50}", "deviceType": "mobile", "browser": "Chrome"},
+    }
+
+
+def expected_ms(n: int) -> int:
+    return BASE_MS + n * 37
+
+
+def make_config(data_dir: Path, **changes: Any) -> Config:
+    return Config(data_dir=data_dir, table=TABLE, log_format="text", log_level="INFO", **changes)
+
+
+@pytest.fixture
+def dsn(pg_dsn: str) -> str:
+    conn = db.connect(pg_dsn)
+    db.ensure_schema(conn, TABLE)
+    conn.close()
+    return pg_dsn
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg2.extensions.connection]:
+    c = db.connect(dsn)
+    c.set_client_encoding("UTF8")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(data_dir: Path) -> SegmentStore:
+    s = SegmentStore(data_dir / "segments")
+    s.ensure()
+    return s
+
+
+def seal(store: SegmentStore, seq: int, events: list[Any], partition: int = 0) -> Path:
+    """A ready segment made the way the fetcher makes them."""
+    writer = SegmentWriter(store, partition, "ab12", seq, max_rows=1 << 30, max_bytes=1 << 40, max_age=1e9)
+    page = normalise_page(events)
+    writer.append(page.data, page.rows)
+    seg = writer.seal()
+    assert seg is not None
+    return store.ready / f"{seg}.tsv"
+
+
+def query(conn: psycopg2.extensions.connection, text: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(text, args)
+        rows = cur.fetchall()
+    conn.rollback()
+    return rows
+
+
+def count(conn: psycopg2.extensions.connection, table: str) -> int:
+    return int(query(conn, f"SELECT count(*) FROM {table}")[0][0])
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """Poll a condition (never a fixed sleep); fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ledger(conn: psycopg2.extensions.connection) -> dict[str, tuple[int, ...]]:
+    rows = query(conn, "SELECT segment_id, rows, inserted, duplicates, rejected, bytes, loaded_at IS NOT NULL FROM ingest_segments")
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def assert_exactly(conn: psycopg2.extensions.connection, ids: set[str]) -> None:
+    got = [r[0] for r in query(conn, f"SELECT id FROM {TABLE}")]
+    assert len(got) == len(set(got)) == len(ids) and set(got) == ids
+
+
+# ---------------------------------------------------------------------------------------
+# load_segment
+
+
+def test_load_segment_stores_rows_rejects_and_ledger(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
+    events: list[Any] = [api_event(n) for n in range(1000)]
+    events += [api_event(5), {"timestamp": BASE_MS}, {"id": "bad-ts", "timestamp": "soon"}, "not an object"]
+    path = seal(store, 1, events)
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert result == LoadResult(id_of(path), 1004, 1000, 1, 3, path.stat().st_size, skipped=False)
+    assert ledger(conn) == {id_of(path): (1004, 1000, 1, 3, path.stat().st_size, True)}
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(1000)})
+    # payload is the event as sent; occurred_at the instant it names
+    for n in (0, 1, 2, 999):
+        ev = api_event(n)
+        same, ms, name = query(
+            conn,
+            f"SELECT payload = %s::jsonb, (extract(epoch FROM occurred_at) * 1000)::bigint, name FROM {TABLE} WHERE id = %s",
+            (orjson.dumps(ev).decode(), ev["id"]),
+        )[0]
+        assert same and ms == expected_ms(n) and name == ev["name"]
+    rejects = query(conn, "SELECT segment_id, reason, raw FROM ingest_rejects ORDER BY id")
+    assert [(s, r) for s, r, _ in rejects] == [
+        (id_of(path), "missing id"),
+        (id_of(path), 'unparseable timestamp: "soon"'),
+        (id_of(path), "not an object"),
+    ]
+    assert orjson.loads(rejects[1][2]) == {"id": "bad-ts", "timestamp": "soon"}
+
+
+def test_same_segment_loaded_twice_changes_nothing(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
+    path = seal(store, 1, [api_event(n) for n in range(500)])
+    first = load_segment(conn, path, id_of(path), TABLE)
+    before = (count(conn, TABLE), count(conn, "ingest_rejects"), ledger(conn))
+    second = load_segment(conn, path, id_of(path), TABLE)
+    assert not first.skipped and first.inserted == 500
+    assert second.skipped and second.inserted == 0
+    assert (count(conn, TABLE), count(conn, "ingest_rejects"), ledger(conn)) == before
+    assert list(ledger(conn)) == [id_of(path)]
+
+
+def test_overlapping_segments_count_duplicates(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
+    a = seal(store, 1, [api_event(n) for n in range(300)])
+    b = seal(store, 2, [api_event(n) for n in range(200, 400)])
+    load_segment(conn, a, id_of(a), TABLE)
+    result = load_segment(conn, b, id_of(b), TABLE)
+    assert (result.rows, result.inserted, result.duplicates) == (200, 100, 100)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(400)})
+
+
+
+
+def bad_line(kind: str, n: int) -> bytes:
+    """A line written straight into the TSV that COPY (or the table) refuses."""
+    ev = api_event(n)
+    fields: list[str | None] = [ev["id"], "2026-01-01T00:00:00+00:00", "t", "n", "u", "s", orjson.dumps(ev).decode(), None, None]
+    if kind == "timestamp":
+        fields[1] = "not a time"
+    elif kind == "jsonb":
+        fields[6] = '{"id": broken'
+    elif kind == "nul-in-jsonb":
+        fields[6] = '{"x": "\\u0000"}'
+    elif kind == "columns":
+        return encode_row(fields[:5])
+    elif kind == "utf8":
+        return encode_row(fields).replace(b"\tt\t", b"\t\xff\xfe\t")
+    elif kind == "nul-byte":
+        return encode_row(fields).replace(b"\tt\t", b"\tt\x00t\t")
+    return encode_row(fields)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason_has"),
+    [
+        ("timestamp", "invalid input syntax for type timestamp with time zone"),
+        ("jsonb", "invalid input syntax for type json"),
+        ("nul-in-jsonb", "unsupported Unicode escape sequence"),
+        ("columns", "missing data for column"),
+        ("utf8", "invalid byte sequence"),
+        ("nul-byte", "invalid byte sequence"),
+    ],
+)
+def test_bad_line_in_the_middle_is_the_only_reject(
+    store: SegmentStore, conn: psycopg2.extensions.connection, kind: str, reason_has: str
+) -> None:
+    path = seal(store, 1, [api_event(n) for n in range(5000)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    broken = bad_line(kind, 2500)
+    lines[2500] = broken
+    path.write_bytes(b"".join(lines))
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert (result.rows, result.inserted, result.duplicates, result.rejected) == (5000, 4999, 0, 1)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(5000)} - {"e-00002500"})
+    [(reason, raw)] = query(conn, "SELECT reason, raw FROM ingest_rejects")
+    assert reason_has in reason
+    assert raw == broken.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    assert ledger(conn)[id_of(path)][:4] == (5000, 4999, 0, 1)
+
+
+def test_several_bad_lines_each_rejected(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
+    path = seal(store, 1, [api_event(n) for n in range(300)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    for n, kind in ((0, "jsonb"), (150, "timestamp"), (151, "columns"), (299, "utf8")):
+        lines[n] = bad_line(kind, n)
+    path.write_bytes(b"".join(lines))
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert (result.rows, result.inserted, result.rejected) == (300, 296, 4)
+    assert count(conn, "ingest_rejects") == 4 and count(conn, TABLE) == 296
+
+
+@pytest.mark.parametrize("bad_at", [0, 1, 63, 64, 99])
+def test_bisection_finds_the_first_bad_line(conn: psycopg2.extensions.connection, bad_at: int) -> None:
+    lines = normalise_page([api_event(n) for n in range(100)]).data.splitlines(keepends=True)
+    lines[bad_at] = bad_line("timestamp", bad_at)
+    if bad_at + 5 < len(lines):
+        lines[bad_at + 5] = bad_line("jsonb", bad_at + 5)  # a later one is not the first
+    index, reason = find_first_bad_line(conn, lines)
+    assert index == bad_at and "timestamp" in reason
+    assert count(conn, TABLE) == 0  # probing leaves nothing behind
+
+
+def test_retry_delay_backs_off_to_a_cap() -> None:
+    assert [retry_delay(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+
+
+# ---------------------------------------------------------------------------------------
+# loader_loop
+
+
+def test_loop_waits_for_segments_until_fetch_is_done(data_dir: Path, store: SegmentStore, dsn: str) -> None:
+    config = make_config(data_dir, keep_segments=True)
+    done = threading.Event()
+    results: list[LoadResult] = []
+    thread = threading.Thread(target=loader_loop, args=(config, dsn, lambda: False, done.is_set, results.append))
+    thread.start()
+    try:
+        seal(store, 1, [api_event(n) for n in range(100)])
+        wait_for(lambda: len(results) == 1, "the first segment")
+        assert thread.is_alive()  # fetch not done: keeps polling
+        seal(store, 2, [api_event(n) for n in range(100, 200)])
+        done.set()
+    finally:
+        done.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert [r.inserted for r in results] == [100, 100]
+    assert sorted(os.listdir(store.loaded)) == ["p00-00000001-ab12.tsv", "p00-00000002-ab12.tsv"]
+    assert store.counts()["ready"] == store.counts()["loading"] == 0
+
+
+def test_loop_returns_on_stop(data_dir: Path, store: SegmentStore, dsn: str) -> None:
+    seal(store, 1, [api_event(1)])
+    stop = threading.Event()
+    stop.set()
+    loader_loop(make_config(data_dir), dsn, stop.is_set, lambda: False)
+    assert store.counts()["ready"] == 1  # stopped before claiming anything
+
+
+def backend_waiting_on_lock(conn: psycopg2.extensions.connection) -> int | None:
+    rows = query(
+        conn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'datasync-ingest-loader'"
+        " AND wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    return int(rows[0][0]) if rows else None
+
+
+def test_connection_killed_mid_load_is_retried_and_loads_once(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection
+) -> None:
+    path = seal(store, 1, [api_event(n) for n in range(2000)])
+    seg = id_of(path)
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    locker = db.connect(dsn)
+    results: list[LoadResult] = []
+    try:
+        with locker.cursor() as cur:  # the loader's INSERT INTO events blocks behind this, after its COPY
+            cur.execute(f"LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE")
+        thread = threading.Thread(
+            target=loader_loop, args=(make_config(data_dir), dsn, lambda: False, lambda: True, results.append)
+        )
+        thread.start()
+        victim = wait_for(lambda: backend_waiting_on_lock(conn), "the loader to block after COPY")
+        assert query(conn, "SELECT pg_terminate_backend(%s)", (victim,))[0][0] is True
+        locker.rollback()
+        thread.join(120)
+        assert not thread.is_alive()
+    finally:
+        locker.close()
+        logger.remove(sink)
+    assert any("retrying" in m and seg in m for m in messages)
+    assert [(r.segment_id, r.inserted, r.skipped) for r in results] == [(seg, 2000, False)]
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(2000)})
+    assert list(ledger(conn)) == [seg] and store.counts()["loading"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Crashes: SIGKILL at the worst moments, then reconcile and a restart
+
+
+def _loader_dying_before_retire(config: Config, dsn: str, marker: str) -> None:
+    """A loader whose retire() announces itself and hangs: the test SIGKILLs it there,
+    after the commit and before the file leaves loading/."""
+
+    def hang(store: SegmentStore, path: Path, keep: bool) -> None:
+        Path(marker).write_text(path.name)
+        while True:
+            time.sleep(1)
+
+    loader_module.retire = hang  # type: ignore[assignment]
+    loader_loop(config, dsn, lambda: False, lambda: True)
+
+
+def _plain_loader(config: Config, dsn: str) -> None:
+    loader_loop(config, dsn, lambda: False, lambda: True)
+
+
+def restart_and_check(
+    config: Config, dsn: str, conn: psycopg2.extensions.connection, ids: set[str], segments: int, committed: int
+) -> None:
+    """Reconcile and load again: only the uncommitted segments load, nothing twice."""
+    store = SegmentStore(config.segments_dir)
+    reconcile(store, db.ledger_ids(conn))
+    totals = load_ready(config, dsn, workers=2)
+    assert (totals["segments"], totals["duplicates"]) == (segments - committed, 0)
+    assert_exactly(conn, ids)
+    assert len(ledger(conn)) == segments
+    assert store.counts() == {"open": 0, "ready": 0, "loading": 0, "loaded": 0, "rejected": 0}
+
+
+def test_sigkill_after_commit_before_retire(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection, tmp_path: Path
+) -> None:
+    config = make_config(data_dir)
+    for seq in range(1, 4):
+        seal(store, seq, [api_event(n) for n in range(seq * 1000, seq * 1000 + 1000)])
+    marker = tmp_path / "retiring"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_loader_dying_before_retire, args=(config, dsn, str(marker)))
+    proc.start()
+    try:
+        wait_for(marker.exists, "the loader to reach retire")
+        os.kill(proc.pid or 0, signal.SIGKILL)
+    finally:
+        proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    first = "p00-00000001-ab12"
+    assert list(ledger(conn)) == [first]  # committed...
+    assert [id_of(p) for p in store.segments("loading")] == [first]  # ...but not retired
+    assert count(conn, TABLE) == 1000
+    restart_and_check(config, dsn, conn, {f"e-{n:08d}" for n in range(1000, 4000)}, 3, committed=1)
+
+
+def test_sigkill_after_copy_before_commit(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection
+) -> None:
+    config = make_config(data_dir)
+    for seq in range(1, 3):
+        seal(store, seq, [api_event(n) for n in range(seq * 1000, seq * 1000 + 1000)])
+    locker = db.connect(dsn)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_plain_loader, args=(config, dsn))
+    try:
+        with locker.cursor() as cur:
+            cur.execute(f"LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE")
+        proc.start()
+        wait_for(lambda: backend_waiting_on_lock(conn), "the loader to block after COPY")
+        os.kill(proc.pid or 0, signal.SIGKILL)
+        proc.join(60)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert proc.exitcode == -signal.SIGKILL
+    assert [id_of(p) for p in store.segments("loading")] == ["p00-00000001-ab12"]
+    # The orphaned server session can only roll back; wait until it is gone.
+    wait_for(
+        lambda: not query(
+            conn, "SELECT 1 FROM pg_stat_activity WHERE application_name = 'datasync-ingest-loader' AND datname = current_database()"
+        ),
+        "the dead loader's session to end",
+    )
+    assert ledger(conn) == {} and count(conn, TABLE) == 0
+    restart_and_check(config, dsn, conn, {f"e-{n:08d}" for n in range(1000, 3000)}, 2, committed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The pool
+
+
+def run_pool(data_dir: Path, store: SegmentStore, dsn: str, segments: int, rows: int, workers: int) -> float:
+    for seq in range(segments):
+        seal(store, seq + 1, [api_event(n) for n in range(seq * rows, (seq + 1) * rows)], partition=seq % 3)
+    started = time.perf_counter()
+    totals = load_ready(make_config(data_dir), dsn, workers)
+    elapsed = time.perf_counter() - started
+    assert totals == {"segments": segments, "rows": segments * rows, "inserted": segments * rows, "duplicates": 0, "rejected": 0}
+    return elapsed
+
+
+def test_pool_loads_every_segment_exactly_once(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection
+) -> None:
+    run_pool(data_dir, store, dsn, segments=20, rows=1000, workers=3)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(20_000)})
+    assert len(ledger(conn)) == 20 and store.counts()["ready"] == store.counts()["loading"] == 0
+    assert db.totals(conn, TABLE)["inserted"] == 20_000
+
+
+@pytest.mark.slow
+def test_pool_200_segments_of_5000_rows_with_4_loaders(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection
+) -> None:
+    elapsed = run_pool(data_dir, store, dsn, segments=200, rows=5000, workers=4)
+    print(f"\n200 x 5000 rows, 4 loaders: {elapsed:.1f} s, {1_000_000 / elapsed:,.0f} rows/s")
+    assert count(conn, TABLE) == 1_000_000
+    assert query(conn, f"SELECT count(DISTINCT id) FROM {TABLE}")[0][0] == 1_000_000
+    assert len(ledger(conn)) == 200
+
+
+def test_claimed_files_are_named_after_the_loader(store: SegmentStore) -> None:
+    seal(store, 1, [api_event(1)])
+    path = claim(store, 31337)
+    assert path is not None and path.name == "p00-00000001-ab12.31337.tsv"
+
+
+def test_segment_the_table_refuses_goes_to_rejected(
+    data_dir: Path, store: SegmentStore, dsn: str, conn: psycopg2.extensions.connection
+) -> None:
+    """A constraint violation outside COPY cannot be cut to one line: the segment is set aside."""
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT no_scroll CHECK (type <> 'scroll')")
+    conn.commit()
+    refused = [{**api_event(n), "type": "scroll"} if n == 7 else api_event(n) for n in range(10)]
+    seal(store, 1, refused)
+    seal(store, 2, [api_event(n) for n in range(10, 20)])
+    loader_loop(make_config(data_dir), dsn, lambda: False, lambda: True)
+    assert [id_of(p) for p in store.segments("rejected")] == ["p00-00000001-ab12"]
+    assert "no_scroll" in (store.rejected / "p00-00000001-ab12.reason").read_text()
+    assert list(ledger(conn)) == ["p00-00000002-ab12"]  # the failed attempt left no ledger row
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(10, 20)})
+
+
+def test_terminal_database_error_requeues_and_raises(data_dir: Path, store: SegmentStore, pg_dsn: str) -> None:
+    seal(store, 1, [api_event(1)])  # no schema in this database: a terminal error
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        loader_loop(make_config(data_dir), pg_dsn, lambda: False, lambda: True)
+    assert store.counts()["ready"] == 1 and store.counts()["loading"] == 0
+
+
+def test_loader_process_counts_and_stops_on_request(data_dir: Path, store: SegmentStore, dsn: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    fetch_done, stop = ctx.Event(), ctx.Event()
+    loaded, totals = ctx.Value("q", 0), ctx.Array("q", 5)
+    seal(store, 1, [api_event(n) for n in range(300)] + [{"no": "id"}])
+    proc = ctx.Process(target=loader_process, args=(make_config(data_dir), dsn, fetch_done, stop, loaded, totals))
+    proc.start()
+    try:
+        wait_for(lambda: loaded.value == 300, "the segment to load")
+        assert proc.is_alive()  # fetch not done: waits for more
+        stop.set()
+        proc.join(60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    assert totals[:] == [1, 301, 300, 0, 1]
+
+
+def _parent_of_a_loader(config: Config, dsn: str, pid_file: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    fetch_done, stop = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, ctx.Value("q", 0)))
+    child.start()
+    Path(pid_file).write_text(str(child.pid))
+    child.join()
+
+
+def exited(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # a zombie nobody reaped has exited all the same
+
+
+def test_loader_process_exits_when_its_parent_dies(data_dir: Path, dsn: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "loader.pid"
+    ctx = multiprocessing.get_context("spawn")
+    parent = ctx.Process(target=_parent_of_a_loader, args=(make_config(data_dir), dsn, str(pid_file)))
+    parent.start()
+    loader_pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the loader to start"))
+    assert not exited(loader_pid)
+    os.kill(parent.pid or 0, signal.SIGKILL)
+    parent.join(60)
+    try:
+        wait_for(lambda: exited(loader_pid), "the orphaned loader to exit", timeout=60)
+    finally:
+        if not exited(loader_pid):
+            os.kill(loader_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("data", "lines"),
+    [(b"", []), (b"a\n", [b"a\n"]), (b"a\nb", [b"a\n", b"b"]), (b"a\r\nb\n", [b"a\r\n", b"b\n"]), (b"\n\n", [b"\n", b"\n"])],
+)
+def test_split_lines(data: bytes, lines: list[bytes]) -> None:
+    assert split_lines(data) == lines

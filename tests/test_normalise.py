@@ -1,0 +1,275 @@
+"""Normalisation: timestamps, reject reasons, exact payloads, the page fast path."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.normalise import (
+    decode_json,
+    format_timestamp,
+    normalise_event,
+    normalise_page,
+    parse_timestamp,
+)
+from ingest.tsv import decode_row
+
+MS = 1769541612369  # 2026-01-27T19:20:12.369Z
+US = MS * 1000
+ISO_US = 1769541553629000  # 2026-01-27T19:19:13.629Z
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (MS, US),  # epoch ms number, the API's usual form
+        (1769541612, 1769541612_000000),  # epoch seconds
+        (1769541612.5, 1769541612_500000),
+        (1769541612369.5, 1769541612369_500),  # fractional ms
+        (US, US),  # µs
+        (US * 1000 + 123, US),  # ns (sub-µs rounded)
+        (Decimal(1769541612369), US),  # what the exact decoder yields
+        (-1, -1_000000),  # before 1970: seconds by magnitude
+        (0, 0),
+        (str(MS), US),  # numeric string
+        (f"  {MS}\t", US),
+        (f"\u200b{MS}\ufeff", US),
+        ("1769541612", 1769541612_000000),
+        ("1769541612.369", US),
+        (str(US), US),
+        (str(US * 1000), US),
+        ("1.769541612369e12", US),
+        ("2026-01-27T19:19:13.629Z", ISO_US),  # ISO, Z, ms fraction
+        ("2026-01-27T19:19:13.629000Z", ISO_US),
+        ("2026-01-27T19:19:13.629123Z", ISO_US + 123),
+        ("2026-01-27T19:19:13Z", 1769541553_000000),  # no fraction
+        ("2026-01-27T21:19:13.629+02:00", ISO_US),  # offset
+        ("2026-01-27T14:19:13.629-0500", ISO_US),
+        ("2026-01-27 19:19:13.629Z", ISO_US),  # space instead of T
+        ("2026-01-27 19:19:13.629+00:00", ISO_US),
+        ("2026-01-27T19:19:13.629", ISO_US),  # no offset: the API's UTC
+        ("2026-01-27t19:19:13.629z", ISO_US),
+        (" 2026-01-27T19:19:13.629Z ", ISO_US),  # whitespace
+        ("\n\t2026-01-27T19:19:13.629Z\r\n", ISO_US),
+        ("\u200b2026-01-27T19:19:13.629Z", ISO_US),  # zero-width characters
+        ("2026-01-27T19:19:13.629Z\u200c", ISO_US),
+        ("\u200d2026-01-27T19:19:13.629Z\ufeff", ISO_US),
+        ("2026-01-27T19:19:13\u200b.629Z", ISO_US),
+        ("\x00\x072026-01-27T19:19:13.629Z\x7f", ISO_US),  # control characters
+    ],
+)
+def test_parse_timestamp(value: object, expected: int) -> None:
+    assert parse_timestamp(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, False, "", "   ", "\u200b", "abc", "2026-13-45T00:00:00Z", "12:00", [], {}, [MS], {"ms": MS},
+     float("nan"), float("inf"), 10**40, "1e400", "NaN", "--1", "1769541612369ms"],
+)
+def test_unparseable_timestamps(value: object) -> None:
+    assert parse_timestamp(value) is None
+
+
+def test_format_timestamp_is_utc_with_microseconds() -> None:
+    assert format_timestamp(ISO_US) == "2026-01-27T19:19:13.629000+00:00"
+    assert format_timestamp(0) == "1970-01-01T00:00:00.000000+00:00"
+    assert format_timestamp(-1) == "1969-12-31T23:59:59.999999+00:00"
+    assert format_timestamp(parse_timestamp("0001-01-01T00:00:00Z") or 0) == "0001-01-01T00:00:00.000000+00:00"
+
+
+@given(st.integers(min_value=parse_timestamp("0001-01-01T00:00:00Z"), max_value=parse_timestamp("9999-12-31T23:59:59.999999Z")))
+@settings(max_examples=300)
+def test_format_timestamp_matches_datetime(us: int) -> None:
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    assert format_timestamp(us) == moment.isoformat(timespec="microseconds")
+    assert parse_timestamp(format_timestamp(us)) == us
+
+
+def event(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11",
+        "sessionId": "0b9e4c1a-7c55-4e0f-8f8e-9d43c0a3e8d2",
+        "userId": "e3a1f0d2-6b7c-4d8e-9f01-23456789abcd",
+        "type": "click",
+        "name": "event_a1b2c3",
+        "properties": {"page": "/home"},
+        "timestamp": "2026-01-27T19:19:13.629Z",
+        "session": {"id": "0b9e4c1a-7c55-4e0f-8f8e-9d43c0a3e8d2", "deviceType": "mobile", "browser": "Chrome"},
+    }
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not DROP}
+
+
+DROP = object()
+
+
+def test_storable_event_row() -> None:
+    ev = event()
+    n = normalise_event(ev)
+    assert n.reason is None and n.event_id == ev["id"] and n.ts_ms == ISO_US // 1000
+    fields = decode_row(n.line)
+    assert fields[:6] == [ev["id"], "2026-01-27T19:19:13.629000+00:00", "click", "event_a1b2c3", ev["userId"], ev["sessionId"]]
+    assert fields[6] is not None and fields[6].encode() == orjson.dumps(ev)  # compact, as received
+    assert fields[7:] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("changes", "columns"),
+    [
+        ({"type": DROP, "name": DROP, "userId": DROP, "sessionId": DROP}, [None, None, None, None]),
+        ({"type": None, "name": None, "userId": None, "sessionId": None}, [None, None, None, None]),
+        ({"type": 7, "name": True, "userId": {"a": [1]}, "sessionId": 1.5}, ["7", "true", '{"a":[1]}', "1.5"]),
+        ({"name": "tab\there\nnew\\line"}, ["click", "tab\there\nnew\\line", None, None]),
+    ],
+)
+def test_optional_columns(changes: dict[str, Any], columns: list[str | None]) -> None:
+    ev = event(**changes)
+    n = normalise_event(ev)
+    assert n.reason is None
+    got = decode_row(n.line)[2:6]
+    assert got[:2] == columns[:2]
+    if columns[2:] != [None, None]:
+        assert got[2:] == columns[2:]
+    assert json.loads(decode_row(n.line)[6] or "") == ev
+
+
+NUL_ID = "abc\x00"
+
+
+@pytest.mark.parametrize(
+    ("ev", "reason", "kept_id"),
+    [
+        ([1, 2], "not an object", None),
+        ("a string", "not an object", None),
+        (None, "not an object", None),
+        (42, "not an object", None),
+        (event(id=DROP), "missing id", None),
+        (event(id=None), "missing id", None),
+        (event(id=5), "id is not a string", None),
+        (event(id=["x"]), "id is not a string", None),
+        (event(id=""), "empty id", None),
+        (event(timestamp=DROP), "missing timestamp", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(timestamp=None), "missing timestamp", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(timestamp="yesterday"), 'unparseable timestamp: "yesterday"', "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(timestamp=True), "unparseable timestamp: true", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(timestamp="x" * 500), 'unparseable timestamp: "' + "x" * 99 + "...", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(name="a\x00b"), 'NUL character in name', "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(properties={"page": "/h\x00"}), 'NUL character in properties.page', "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(properties={"pa\x00ge": 1}), "NUL character in a key of properties", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(id=NUL_ID), 'NUL character in id', None),
+        (event(name="\ud800"), 'lone surrogate in name', "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(session={"x": ["\udfff"]}), 'lone surrogate in session.x.[0]', "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+        (event(id="\ud83d"), 'lone surrogate in id', None),
+        (event(**{"a\tb\u00e9": "\x00"}), "NUL character in a\\tb\\u00e9", "5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"),
+    ],
+)
+def test_reject_reasons(ev: Any, reason: str, kept_id: str | None) -> None:
+    n = normalise_event(ev)
+    assert n.reason == reason and n.ts_ms is None
+    fields = decode_row(n.line)
+    assert len(fields) == 9
+    assert fields[0] == kept_id
+    assert fields[1:7] == [None] * 6
+    assert fields[7] == reason
+    raw = fields[8]
+    assert raw is not None and raw.isascii()
+    assert json.loads(raw) == ev  # the event's JSON text, nothing lost
+
+
+def test_escaped_backslash_u0000_text_is_not_a_nul() -> None:
+    ev = event(name="\\u0000")
+    n = normalise_event(ev)
+    assert n.reason is None and decode_row(n.line)[3] == "\\u0000"
+
+
+def test_exact_numbers_reach_the_payload() -> None:
+    body = b'{"id":"a","timestamp":1769541612369,"big":123456789012345678901234567890,"f":0.10000000000000000001,"e":1e400}'
+    ev = decode_json(body)
+    n = normalise_event(ev)
+    assert n.reason is None
+    payload = decode_row(n.line)[6] or ""
+    assert "123456789012345678901234567890" in payload and "0.10000000000000000001" in payload and "1E+400" in payload
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"a":1,"b":[true,null,"x"]}', {"a": 1, "b": [True, None, "x"]}),
+        (b'{"a": 1.5}', {"a": 1.5}),
+        (b'{"n":123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+        (b'{"n": 18446744073709551616}', {"n": 18446744073709551616}),
+        (b'[0.12345678901234567890]', [Decimal("0.12345678901234567890")]),
+        (b'[1e400]', [Decimal("1e400")]),
+        (b'[1e-400]', [Decimal("1e-400")]),
+        (b'"\\ud800"', "\ud800"),
+        (b'{"s":"\\u00e9\\u0000"}', {"s": "\u00e9\x00"}),
+    ],
+)
+def test_decode_json_alters_nothing(body: bytes, expected: Any) -> None:
+    got = decode_json(body)
+    assert got == expected
+    assert repr(got) == repr(expected)  # no silent int -> float
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b'{"data":[{"id":"a","x":"trunc', b"{", b"NaN", b"[Infinity]", b"\xff\xfe"])
+def test_decode_json_refuses_non_json(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_json(body)
+
+
+# ---------------------------------------------------------------------------------------
+# The page fast path
+
+any_event = st.one_of(
+    st.builds(
+        lambda ts, name, i: event(id=f"id-{i}", timestamp=ts, name=name),
+        st.one_of(
+            st.integers(min_value=-(10**20), max_value=10**20),
+            st.sampled_from(["2026-01-27T19:19:13.629Z", " 1769541612369", "bad", None]),
+        ),
+        st.one_of(st.none(), st.text(max_size=5)),
+        st.integers(0, 50),
+    ),
+    st.sampled_from([None, [], "x", {"timestamp": MS}, {"id": 3, "timestamp": MS}]),
+)
+
+
+@given(st.lists(any_event, max_size=20))
+@settings(max_examples=150, deadline=None)
+def test_page_equals_per_event_concatenation(events: list[Any]) -> None:
+    singles = [normalise_event(e) for e in events]
+    page = normalise_page(events)
+    assert page.data == b"".join(n.line for n in singles)
+    assert page.rows == len(events)
+    assert page.rejected == sum(n.reason is not None for n in singles)
+    stamps = [n.ts_ms for n in singles if n.ts_ms is not None]
+    assert page.min_ts_ms == (min(stamps) if stamps else None)
+
+
+@given(st.lists(any_event, max_size=20), st.integers(-(10**12), 10**15), st.integers(0, 10**15))
+@settings(max_examples=150, deadline=None)
+def test_page_window_keeps_its_partition_and_every_reject(events: list[Any], lo: int, width: int) -> None:
+    hi = lo + width
+    singles = [normalise_event(e) for e in events]
+    page = normalise_page(events, window=(lo, hi))
+    kept = [n for n in singles if n.reason is not None or lo <= (n.ts_ms or 0) < hi]
+    assert page.data == b"".join(n.line for n in kept)
+    assert page.rows == len(kept)
+    assert page.rejected == sum(n.reason is not None for n in singles)
+    stamps = [n.ts_ms for n in kept if n.ts_ms is not None]
+    assert page.min_ts_ms == (min(stamps) if stamps else None)
+
+
+def test_window_is_half_open() -> None:
+    events = [event(id="a", timestamp=MS - 1), event(id="b", timestamp=MS), event(id="c", timestamp=MS + 1), event(id=None)]
+    page = normalise_page(events, window=(MS, MS + 1))
+    assert [decode_row(line)[0] for line in page.data.splitlines(keepends=True)] == ["b", None]
+    assert (page.rows, page.rejected, page.min_ts_ms) == (2, 1, MS)
