@@ -30,6 +30,7 @@ from psycopg2 import sql
 from ingest import db
 from ingest.config import Config
 from ingest.logs import configure_logging
+from ingest.stats import SharedCounters
 from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
 from ingest.tsv import COLUMNS, encode_row
 
@@ -337,22 +338,27 @@ def loader_loop(
 # ---------------------------------------------------------------------------------------
 # Processes
 
-# `totals` slots, when a caller passes the optional Array('q', 5) to `loader_process`.
-TOTAL_FIELDS = ("segments", "rows", "inserted", "duplicates", "rejected")
+# What a load adds to the run's shared counters (`ingest.stats`), and how `load` names them.
+LOAD_COUNTERS = {
+    "segments_loaded": "segments",
+    "rows_loaded": "rows",
+    "loaded": "inserted",
+    "duplicates": "duplicates",
+    "rejected": "rejected",
+}
 
 
-def loader_process(
-    config: Config,
-    dsn: str,
-    fetch_done_event: Any,
-    stop_event: Any,
-    loaded_counter: Any,
-    totals: Any = None,
-) -> None:
-    """Process entry point (spawn-safe). `loaded_counter` (Value('q')) receives the number of
-    rows inserted into the events table; the optional `totals` (Array('q', 5)) receives
-    segments, rows, inserted, duplicates and rejected, in `TOTAL_FIELDS` order. Skipped
-    (already loaded) segments add nothing. Exits when `stop_event` is set or the parent dies."""
+def counted(result: LoadResult) -> dict[str, int]:
+    if result.skipped:  # already loaded by someone else: nothing new
+        return {}
+    return {"segments_loaded": 1, "rows_loaded": result.rows, "loaded": result.inserted,
+            "duplicates": result.duplicates, "rejected": result.rejected}
+
+
+def loader_process(config: Config, dsn: str, fetch_done_event: Any, stop_event: Any, counters: SharedCounters) -> None:
+    """Process entry point (spawn-safe). Each loaded segment's counts go into `counters`.
+    Exits when `stop_event` is set, when `fetch_done_event` is set and ready/ is empty,
+    or when the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     configure_logging(config.log_format, config.log_level, config.secrets(), process=f"loader-{os.getpid()}")
     # The pid the parent had when it started us (os.getppid() now could already be init's).
@@ -363,14 +369,7 @@ def loader_process(
         return bool(stop_event.is_set()) or os.getppid() != parent
 
     def on_loaded(result: LoadResult) -> None:
-        if result.skipped:
-            return
-        with loaded_counter.get_lock():
-            loaded_counter.value += result.inserted
-        if totals is not None:
-            with totals.get_lock():
-                for i, value in enumerate((1, result.rows, result.inserted, result.duplicates, result.rejected)):
-                    totals[i] += value
+        counters.add_many(counted(result))
 
     try:
         loader_loop(config, dsn, should_stop, fetch_done_event.is_set, on_loaded)
@@ -385,10 +384,9 @@ def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:
     ctx = mp.get_context("spawn")
     fetch_done, stop = ctx.Event(), ctx.Event()
     fetch_done.set()
-    loaded = ctx.Value("q", 0)
-    totals = ctx.Array("q", len(TOTAL_FIELDS))
+    counters = SharedCounters(ctx)
     procs = [
-        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, loaded, totals), name=f"loader-{i}")
+        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, counters), name=f"loader-{i}")
         for i in range(workers)
     ]
     for p in procs:
@@ -403,4 +401,5 @@ def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} loader(s) failed (exit codes {failed})")
-    return dict(zip(TOTAL_FIELDS, totals[:], strict=True))
+    snapshot = counters.snapshot()
+    return {name: snapshot[counter] for counter, name in LOAD_COUNTERS.items()}

@@ -40,6 +40,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "cursor_refreshes": ("datasync_cursor_refreshes_total", "Cursors re-positioned after expiry or rejection."),
     "bytes": ("datasync_response_bytes_total", "Bytes of response bodies received from the API."),
     "loaded": ("datasync_events_loaded_total", "Events inserted into the table."),
+    "rows_loaded": ("datasync_segment_rows_loaded_total", "Segment lines loaded: events, duplicates and rejects."),
     "duplicates": ("datasync_events_duplicate_total", "Events skipped because their id was already stored."),
     "rejected": ("datasync_events_rejected_total", "Events that could not be stored, kept in ingest_rejects."),
     "segments_loaded": ("datasync_segments_loaded_total", "Segments loaded and recorded in the ledger."),

@@ -50,14 +50,18 @@ class Progress:
         if sys.stderr.isatty() and config.log_format == "text":
             self.bar = tqdm(total=self.total, unit="ev", unit_scale=True, desc="loaded", dynamic_ncols=True)
 
-    def snapshot(self, loaded: int) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         counters = self.counters.snapshot()
+        loaded = counters["loaded"]
         rate = loaded / elapsed
         return {
             "elapsed_s": round(elapsed, 1),
             "events_fetched": counters["fetched"],
             "events_loaded": loaded,
+            "duplicates": counters["duplicates"],
+            "rejected": counters["rejected"],
+            "segments_loaded": counters["segments_loaded"],
             "events_per_s": round(rate, 1),
             "total": self.total,
             "eta_s": None if (eta := eta_seconds(loaded, self.total, rate)) is None else round(eta),
@@ -65,29 +69,31 @@ class Progress:
             "http_429": counters["http_429"],
             "http_5xx": counters["http_5xx"],
             "retries": counters["retries"],
+            "token_refreshes": counters["token_refreshes"],
+            "cursor_refreshes": counters["cursor_refreshes"],
             "restarts": counters["restarts"],
             "segments": self.store.counts(),
             "checkpoint_lag_rows": max(0, counters["fetched"] - loaded),
             "rss_mb": round(tree_rss_bytes() / 1e6, 1),
         }
 
-    def update(self, loaded: int) -> None:
+    def update(self) -> None:
         now = time.monotonic()
         if self.bar is not None:
-            self.bar.update(loaded - self.bar.n)
+            self.bar.update(self.counters.snapshot()["loaded"] - self.bar.n)
             return
         if now - self.last_line >= self.config.stats_interval:
             self.last_line = now
-            logger.bind(stats=self.snapshot(loaded)).info("progress")
+            logger.bind(stats=self.snapshot()).info("progress")
 
-    def close(self, loaded: int) -> dict[str, Any]:
+    def close(self) -> dict[str, Any]:
+        summary = self.snapshot()
         if self.bar is not None:
-            self.bar.update(loaded - self.bar.n)
+            self.bar.update(summary["events_loaded"] - self.bar.n)
             self.bar.close()
-        summary = self.snapshot(loaded)
         logger.bind(summary=summary).info(
             "summary: {} events loaded in {}s ({} events/s), {} requests, {} 429s",
-            loaded,
+            summary["events_loaded"],
             summary["elapsed_s"],
             summary["events_per_s"],
             summary["requests"],

@@ -20,6 +20,7 @@ COUNTER_NAMES = (
     "cursor_refreshes",
     "bytes",
     "loaded",  # events inserted into the table
+    "rows_loaded",  # segment lines loaded: events, duplicates and rejects
     "duplicates",
     "rejected",
     "segments_loaded",

@@ -26,6 +26,7 @@ from ingest.config import Config
 from ingest.cursors import decode_cursor
 from ingest.fetcher import EXIT_FATAL, fetcher_process
 from ingest.loader import loader_process
+from ingest.metrics import MetricsServer, start_metrics_server
 from ingest.normalise import parse_timestamp
 from ingest.pacing import SharedRateLimiter
 from ingest.plan import choose_lanes, estimate_oldest, split_range
@@ -141,7 +142,6 @@ class Supervisor:
         self.stop_loaders = self.ctx.Event()
         self.errors = self.ctx.Queue()
         self.counters = SharedCounters(self.ctx)
-        self.loaded = self.ctx.Value("q", 0)
         window = self.config.rate_window
         self.feed_limiter = SharedRateLimiter(self.config.feed_rate, window, ctx=self.ctx)
         self.events_limiter = SharedRateLimiter(self.config.events_rate, window, ctx=self.ctx)
@@ -165,7 +165,7 @@ class Supervisor:
             )
             process = self.ctx.Process(target=fetcher_process, args=args, name=f"fetcher-{key}")
         else:
-            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.loaded)
+            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.counters)
             process = self.ctx.Process(target=loader_process, args=args, name=f"loader-{key}")
         process.start()
         child = Child(kind, key, process, restarts)
@@ -238,6 +238,7 @@ class Supervisor:
         prepare_database(self.config, self.dsn, self.store)
         self.plan = self._load_or_make_plan()
         progress = Progress(self.config, self.plan, self.counters, self.store)
+        metrics = self._start_metrics(progress)
         for part in self.plan.partitions:
             if not part.done:
                 self._start("fetcher", part.index)
@@ -263,11 +264,30 @@ class Supervisor:
                 if drain_deadline is not None and time.monotonic() > drain_deadline:
                     self._kill_all()
                     break
-                progress.update(self.loaded.value)
+                progress.update()
                 self.stop_loaders.wait(TICK_S)
         finally:
-            progress.close(self.loaded.value)
+            progress.close()
+            if metrics is not None:
+                metrics.stop()
         return self._outcome()
+
+    def health(self) -> str:
+        if self.failure:
+            return "failed"
+        if not self.children:
+            return "done" if hasattr(self, "plan") else "ready"
+        return "draining" if self.fetch_done.is_set() or self.stop_fetch.is_set() else "fetching"
+
+    def _start_metrics(self, progress: Progress) -> MetricsServer | None:
+        if self.config.metrics_port is None:
+            return None
+        try:
+            server = start_metrics_server("0.0.0.0", self.config.metrics_port, progress.snapshot, self.health)
+        except OSError as exc:
+            raise RunError(f"--metrics-port {self.config.metrics_port}: {exc.strerror or exc}") from None
+        logger.info("metrics on port {}", server.port)
+        return server
 
     def _outcome(self) -> int:
         if self.failure:

@@ -8,6 +8,8 @@ created empty and dropped afterwards, so tests never see each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -19,17 +21,21 @@ from ingest.db import EmbeddedPostgres, dsn_for_database
 
 
 @pytest.fixture(scope="session")
-def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_dsn() -> Iterator[str]:
     """DSN of the server (maintenance database); started once per session when embedded."""
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    server = EmbeddedPostgres.start(tmp_path_factory.mktemp("pg") / "data")
+    # Not under pytest's basetemp: a concurrent pytest session prunes old basetemps, and
+    # would delete the data directory of a server that is still running.
+    root = Path(tempfile.mkdtemp(prefix="datasync-test-pg-"))
+    server = EmbeddedPostgres.start(root / "data")
     try:
         yield server.dsn
     finally:
         server.stop(mode="immediate")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -62,3 +68,38 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Simulator fixtures (ingest.simulator): an in-process DataSync API on a free loopback port.
+
+SIM_KEY = "ds_" + "0123456789abcdef" * 2
+SIM_KEY_2 = "ds_" + "fedcba9876543210" * 2
+
+
+@pytest.fixture
+def sim_factory():
+    """Start simulators with `sim_factory(**config_fields)`; all are stopped after the test.
+
+    Defaults: 2,000 events, no latency, no rate limits, no chaos, two known keys.
+    """
+    from ingest.simulator import SimulatorConfig, start_simulator
+
+    started = []
+
+    def make(**fields):
+        values = {"events": 2000, "seed": 3, "latency": "none", "rate_limits": False, "chaos": "none",
+                  "api_keys": (SIM_KEY, SIM_KEY_2), **fields}
+        sim = start_simulator(SimulatorConfig(**values))
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def clean_simulator(sim_factory):
+    """20,000 events, clean and unthrottled: for client tests that need a plain, fast source."""
+    return sim_factory(events=20_000, seed=1)

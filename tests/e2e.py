@@ -31,6 +31,8 @@ def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, st
         LOG_FORMAT="json",
         INGEST_WORKERS="2",
         INGEST_STATS_INTERVAL="1",
+        # Unthrottled simulators: pace per 10 ms; tests with rate limits pass the scaled window.
+        INGEST_RATE_WINDOW="0.01",
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env

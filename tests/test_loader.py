@@ -21,6 +21,7 @@ from loguru import logger
 import ingest.loader as loader_module
 from ingest import db
 from ingest.config import Config
+from ingest.stats import SharedCounters
 from ingest.loader import (
     LoadResult,
     find_first_bad_line,
@@ -482,12 +483,12 @@ def test_terminal_database_error_requeues_and_raises(data_dir: Path, store: Segm
 def test_loader_process_counts_and_stops_on_request(data_dir: Path, store: SegmentStore, dsn: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     fetch_done, stop = ctx.Event(), ctx.Event()
-    loaded, totals = ctx.Value("q", 0), ctx.Array("q", 5)
+    counters = SharedCounters(ctx)
     seal(store, 1, [api_event(n) for n in range(300)] + [{"no": "id"}])
-    proc = ctx.Process(target=loader_process, args=(make_config(data_dir), dsn, fetch_done, stop, loaded, totals))
+    proc = ctx.Process(target=loader_process, args=(make_config(data_dir), dsn, fetch_done, stop, counters))
     proc.start()
     try:
-        wait_for(lambda: loaded.value == 300, "the segment to load")
+        wait_for(lambda: counters.snapshot()["loaded"] == 300, "the segment to load")
         assert proc.is_alive()  # fetch not done: waits for more
         stop.set()
         proc.join(60)
@@ -495,7 +496,10 @@ def test_loader_process_counts_and_stops_on_request(data_dir: Path, store: Segme
         if proc.is_alive():
             proc.kill()
     assert proc.exitcode == 0
-    assert totals[:] == [1, 301, 300, 0, 1]
+    snapshot = counters.snapshot()
+    assert [snapshot[k] for k in ("segments_loaded", "rows_loaded", "loaded", "duplicates", "rejected")] == [
+        1, 301, 300, 0, 1
+    ]
 
 
 def _parent_of_a_loader(config: Config, dsn: str, pid_file: str) -> None:

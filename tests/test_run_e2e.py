@@ -96,12 +96,16 @@ def test_heavy_chaos_ends_with_the_truth(simulator: Any, pg_dsn: str, data_dir: 
     assert code == 0, log[-3000:]
     assert_exact(pg_dsn, truth)
     with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(DISTINCT raw), count(*) FILTER (WHERE reason IS NULL OR reason = '') FROM ingest_rejects")
-        distinct_rejects, without_reason = cur.fetchone()
-    assert distinct_rejects == truth.unstorable
+        cur.execute(
+            "SELECT count(*), count(DISTINCT raw), count(*) FILTER (WHERE coalesce(reason, '') = '')"
+            " FROM ingest_rejects"
+        )
+        rejects, distinct_rejects, without_reason = cur.fetchone()
+    # Every unstorable event is stored once as a reject, even where partitions overlap.
+    assert rejects == distinct_rejects == truth.unstorable
     assert without_reason == 0
     stats = simulator.stats()
-    assert sum(v for k, v in stats.get("faults", {}).items()) > 0, "the run met no faults"
+    assert sum(stats["faults"].values()) > 0, "the run met no faults"
 
 
 @pytest.mark.sim(events=30_000, latency="realistic", rate_limits=True, time_scale=200.0)
