@@ -13,10 +13,11 @@ import fcntl
 import os
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import orjson
 
@@ -65,7 +66,7 @@ class Checkpoint:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Checkpoint":
+    def from_json(cls, data: bytes) -> Checkpoint:
         try:
             raw: dict[str, Any] = orjson.loads(data)
             if raw.get("version") != FORMAT_VERSION:

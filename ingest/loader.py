@@ -30,8 +30,8 @@ from psycopg2 import sql
 from ingest import db
 from ingest.config import Config
 from ingest.logs import configure_logging
-from ingest.stats import SharedCounters
 from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
+from ingest.stats import SharedCounters
 from ingest.tsv import COLUMNS, encode_row
 
 READ_SIZE = 4 << 20  # bytes per COPY chunk

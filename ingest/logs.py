@@ -8,7 +8,8 @@ reach the output, whichever code path formats it into a message.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from loguru import logger
 

@@ -49,7 +49,7 @@ class SharedCounters:
     def snapshot(self) -> dict[str, int]:
         with self._array.get_lock():
             values = list(self._array)
-        return dict(zip(COUNTER_NAMES, values))
+        return dict(zip(COUNTER_NAMES, values, strict=True))
 
 
 class ClientStatsPublisher:

@@ -13,9 +13,10 @@ import multiprocessing as mp
 import queue
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from loguru import logger
 
@@ -24,7 +25,8 @@ from ingest.api import ApiClient, ApiError, FatalApiError, SourceUnavailable
 from ingest.checkpoint import Checkpoint
 from ingest.config import Config
 from ingest.cursors import decode_cursor
-from ingest.fetcher import EXIT_FATAL, fetcher_process
+from ingest.fetcher import EXIT_FATAL as FETCHER_FATAL
+from ingest.fetcher import fetcher_process
 from ingest.loader import loader_process
 from ingest.metrics import MetricsServer, start_metrics_server
 from ingest.normalise import parse_timestamp
@@ -180,7 +182,7 @@ class Supervisor:
             if code == 0 and (child.kind == "fetcher" or self.fetch_done.is_set()):
                 continue
             self._drain_errors()
-            if child.kind == "fetcher" and code == EXIT_FATAL:
+            if child.kind == "fetcher" and code == FETCHER_FATAL:
                 self._fail(self.last_error or f"fetcher {child.key} failed")
                 continue
             if self.signals or self.failure:

@@ -8,9 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psycopg2
 
@@ -59,11 +60,10 @@ class Run:
 
 def start_run(env: dict[str, str], log_path: Path, *args: str) -> Run:
     """Start the program in its own process group (so a test can kill the whole group)."""
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [*PROGRAM, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    log.close()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [*PROGRAM, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return Run(process, log_path)
 
 

@@ -44,16 +44,16 @@ def test_bad_values_name_the_option(cli: dict[str, str], message: str) -> None:
 
 
 def test_bad_env_value_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match="^INGEST_WORKERS: "):
+    with pytest.raises(ConfigError, match=r"^INGEST_WORKERS: "):
         build_config({}, {**BASE, "INGEST_WORKERS": "x"}, {})
-    with pytest.raises(ConfigError, match=r"^INGEST_WORKERS \(in .env\): "):
+    with pytest.raises(ConfigError, match=r"^INGEST_WORKERS \(in \.env\): "):
         build_config({}, BASE, {"INGEST_WORKERS": "x"})
 
 
 @pytest.mark.parametrize("missing", ["DATASYNC_API_URL", "DATASYNC_API_KEY"])
 def test_required_values(missing: str) -> None:
     env = {k: v for k, v in BASE.items() if k != missing}
-    with pytest.raises(ConfigError, match=f"is required"):
+    with pytest.raises(ConfigError, match="is required"):
         build_config({}, env, {})
 
 

@@ -21,7 +21,6 @@ from loguru import logger
 import ingest.loader as loader_module
 from ingest import db
 from ingest.config import Config
-from ingest.stats import SharedCounters
 from ingest.loader import (
     LoadResult,
     find_first_bad_line,
@@ -34,6 +33,7 @@ from ingest.loader import (
 )
 from ingest.normalise import normalise_page
 from ingest.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
+from ingest.stats import SharedCounters
 from ingest.tsv import encode_row
 
 BASE_MS = 1766946793000

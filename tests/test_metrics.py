@@ -28,7 +28,7 @@ class Source:
     """A snapshot and a health state the test changes between scrapes."""
 
     def __init__(self) -> None:
-        self.values: dict[str, Any] = {name: 0 for name in COUNTER_NAMES}
+        self.values: dict[str, Any] = dict.fromkeys(COUNTER_NAMES, 0)
         self.state = "ready"
         self.fail = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ingest.plan import choose_lanes, estimate_oldest, split_range
@@ -50,7 +52,7 @@ def test_split_range_is_contiguous_and_complete(lanes: list[tuple[str, float]]) 
     parts = split_range(1_000, 101_000, lanes)
     assert parts[0].upper_ms == 101_000
     assert parts[-1].lower_ms == 0
-    for newer, older in zip(parts, parts[1:]):
+    for newer, older in itertools.pairwise(parts):
         assert newer.lower_ms == older.upper_ms
     assert [p.index for p in parts] == list(range(len(lanes)))
     assert [p.source for p in parts] == [s for s, _ in lanes]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import psycopg2
@@ -33,7 +34,7 @@ from tests.e2e import (
 def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A simulator configured by the test's `sim` marker keyword arguments."""
     marker = request.node.get_closest_marker("sim")
-    options = dict(events=20_000, latency="none", rate_limits=False, chaos="none", seed=3)
+    options: dict[str, Any] = {"events": 20_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 3}
     options.update(marker.kwargs if marker else {})
     sim = start_simulator(SimulatorConfig(**options))
     try:
@@ -164,7 +165,11 @@ def test_sigkill_of_the_whole_group_three_times(simulator: Any, pg_dsn: str, dat
     for attempt in range(3):
         run = start_run(env, data_dir / f"run{attempt}.log")
         target = fetched_rows(data_dir) + rng.randint(1000, 8000)
-        wait_for(lambda: fetched_rows(data_dir) >= target or run.process.poll() is not None, what="progress")
+
+        def progressed(run: Any = run, target: int = target) -> bool:
+            return fetched_rows(data_dir) >= target or run.process.poll() is not None
+
+        wait_for(progressed, what="progress")
         run.kill_group(signal.SIGKILL)
         run.wait(60)
     code, log = run_to_end(env, data_dir / "final.log")

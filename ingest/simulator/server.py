@@ -120,8 +120,8 @@ def has_dashboard_signal(headers: Message, host: str, key: str) -> bool:
     cookies = dict(part.strip().split("=", 1) for part in cookie.split(";") if "=" in part)
     return (
         "Mozilla" in (headers.get("User-Agent") or "")
-        or bool(host) and (headers.get("Origin") or "").startswith(origin)
-        or bool(host) and (headers.get("Referer") or "").startswith(origin)
+        or (bool(host) and (headers.get("Origin") or "").startswith(origin))
+        or (bool(host) and (headers.get("Referer") or "").startswith(origin))
         or cookies.get("dashboard_api_key") == key
         or (headers.get("Sec-Fetch-Site") or "").lower() == "same-origin"
         or (headers.get("X-Requested-With") or "") == "XMLHttpRequest"

@@ -526,7 +526,7 @@ def check_file(path: Path) -> list[str]:
     try:
         commands = cli_commands()
         parsers = config_parsers()
-    except Exception as exc:  # noqa: BLE001 (an import error in the CLI is itself the problem to report)
+    except Exception as exc:
         return [f"{path}: cannot introspect the {PROGRAM} CLI: {type(exc).__name__}: {exc}"]
     return [f"{path}: {p}" for p in check_compose(doc, path.resolve().parent, commands, parsers)]
 

@@ -241,7 +241,7 @@ def test_dataset_distributions_follow_section_6() -> None:
     counts = [0] * len(data.type_names)
     for t in data.types:
         counts[t] += 1
-    assert list(zip(data.type_names, counts)) == scaled_type_counts(200_000)  # the exact multiset
+    assert list(zip(data.type_names, counts, strict=True)) == scaled_type_counts(200_000)  # the exact multiset
     spans: dict[int, tuple[int, int]] = {}
     for i in range(len(data)):
         low, high = spans.get(data.sess[i], (data.ts[i], data.ts[i]))
