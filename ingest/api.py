@@ -470,7 +470,12 @@ class ApiClient:
             if attempt == attempts:
                 break
             told = retry_after_seconds(outcome.headers, outcome.body, self._clock())
-            delay = told if told is not None else TOKEN_BACKOFF_S * attempt * self.time_unit
+            if told is not None:
+                delay = told
+            elif action is Action.WAIT:  # rate limited: the spec's 10 s x attempt
+                delay = TOKEN_BACKOFF_S * attempt * self.time_unit
+            else:  # the odd 5xx or reset: an ordinary short backoff
+                delay = backoff(attempt) * self.time_unit
             self._log_retry(STREAM_ACCESS_PATH, outcome, attempt, attempts, delay, "no stream token yet")
             self._wait_or_stop(delay)
         raise SourceUnavailable(f"no stream token after {attempts} attempt(s): {outcome.describe()}")

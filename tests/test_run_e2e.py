@@ -63,8 +63,7 @@ def crawl(sim: Any) -> dict[str, Any]:
 def summary_of(log: str) -> dict[str, Any]:
     for line in reversed(log.splitlines()):
         if '"summary"' in line:
-            record = orjson.loads(line)["record"]
-            return dict(record["extra"]["summary"])
+            return dict(orjson.loads(line)["summary"])
     raise AssertionError("no summary line in the log")
 
 
