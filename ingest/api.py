@@ -68,6 +68,10 @@ TOKEN_BACKOFF_S = 10.0  # x attempt, when stream-access gives no Retry-After
 RETRY_BASE_S, RETRY_CAP_S = 1.0, 30.0  # backoff for transient faults (x time unit)
 RATE_LIMITED_BASE_S, RATE_LIMITED_CAP_S = 10.0, 30.0  # silent 429: 10, 20, 30 s (x time unit)
 MAX_RATE_LIMITED = 50  # 429s within one fetch_page before giving up: a safety net only
+# A server-dictated wait (Retry-After, X-RateLimit-Reset) longer than this many rate windows
+# is cut to it: every budget of the API refills within one window, so a longer value is a
+# server bug or a misread epoch, and honouring it would stall the run for hours.
+MAX_TOLD_WINDOWS = 1.1
 STOP_POLL_S = 0.2  # granularity of the default interruptible sleep
 
 # Transport-level retries (inside the adapter, not interruptible, hence short).
@@ -376,6 +380,15 @@ class ApiClient:
             unit = min(1.0, max(0.001, reported_s / nominal_s))
             self._unit = unit if self._unit is None else max(self._unit, unit)
 
+    def _bounded(self, told: float | None) -> float | None:
+        """A wait the server asked for, capped at about one rate window (MAX_TOLD_WINDOWS)."""
+        if told is None:
+            return None
+        cap = MAX_TOLD_WINDOWS * self.config.rate_window
+        if told > cap:
+            logger.debug("server asked for a {:.1f}s wait; capped at {:.2f}s (one rate window)", told, cap)
+        return min(told, cap)
+
     # -- secrets --------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
@@ -469,7 +482,7 @@ class ApiClient:
                 raise SourceUnavailable(f"stream-access refused a token: {outcome.describe()}")
             if attempt == attempts:
                 break
-            told = retry_after_seconds(outcome.headers, outcome.body, self._clock())
+            told = self._bounded(retry_after_seconds(outcome.headers, outcome.body, self._clock()))
             if told is not None:
                 delay = told
             elif action is Action.WAIT:  # rate limited: the spec's 10 s x attempt
@@ -559,7 +572,8 @@ class ApiClient:
                 params["cursor"] = cursor
             outcome, body = self._send("GET", url, headers, params=params)
             if source == "events" and limiter is not None and outcome.status is not None:
-                limiter.observe(*rate_headers(outcome.headers, self._clock()))
+                remaining, reset = rate_headers(outcome.headers, self._clock())
+                limiter.observe(remaining, self._bounded(reset))
             page: Page | None = None
             if outcome.status is not None and 200 <= outcome.status < 300:
                 try:
@@ -583,7 +597,7 @@ class ApiClient:
                 delay = backoff(faults, RETRY_BASE_S * self.time_unit, RETRY_CAP_S * self.time_unit)
                 # Only an explicit Retry-After (a 503's): X-RateLimit-Reset on a damaged 200
                 # is the pacing window, which the limiter already handles.
-                told = retry_after_seconds(_only_retry_after(outcome.headers), None, self._clock())
+                told = self._bounded(retry_after_seconds(_only_retry_after(outcome.headers), None, self._clock()))
                 delay = max(delay, told or 0.0)
                 self._log_retry(path, outcome, faults, self.config.max_attempts, delay, "transient fault")
                 self._wait_or_stop(delay)
@@ -591,7 +605,7 @@ class ApiClient:
                 rate_limited += 1
                 if rate_limited > MAX_RATE_LIMITED:
                     raise ApiError(f"{path}: still rate limited after {MAX_RATE_LIMITED} waits")
-                told = retry_after_seconds(outcome.headers, outcome.body, self._clock())
+                told = self._bounded(retry_after_seconds(outcome.headers, outcome.body, self._clock()))
                 fallback = min(RATE_LIMITED_CAP_S, RATE_LIMITED_BASE_S * rate_limited) * self.time_unit
                 delay = told if told is not None else backoff(1, fallback, RATE_LIMITED_CAP_S * self.time_unit, 0.1)
                 self._log_retry(path, outcome, rate_limited, None, delay, "rate limited")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -90,13 +90,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename + directory fsync."""
+    """temp file + fsync + rename + directory fsync. On failure (a full disk) the old file
+    stays as it was and no half-written temp file is left behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -122,6 +127,46 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------
+# One run per data directory
+#
+# The supervisor holds `run.lock` exclusively for its whole life. Every fetcher and loader
+# holds `workers.lock` shared for its whole life. A new supervisor takes `workers.lock`
+# exclusively (then lets it go) before it touches segments or the checkpoint, so children
+# orphaned by a killed supervisor have all exited before anything is reconciled or
+# fetched again. flock locks vanish with their process, so nothing is ever left stale.
+
+RUN_LOCK = "run.lock"
+WORKERS_LOCK = "workers.lock"
+
+
+def try_lock(path: Path, exclusive: bool, wait: bool = False) -> BinaryIO | None:
+    """An open lock file holding the flock, or None when it is held elsewhere (and not
+    `wait`). Closing the file (or exiting) releases the lock."""
+    fh = open(path, "a+b")  # noqa: SIM115 (held until the caller closes it)
+    flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fh.fileno(), flags)
+    except BlockingIOError:
+        fh.close()
+        return None
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+_worker_lock: BinaryIO | None = None
+
+
+def hold_worker_lock(data_dir: Path) -> None:
+    """Called first thing by a fetcher or loader process: holds `workers.lock` (shared)
+    until the process is gone, so the lock can never be released while it still works."""
+    global _worker_lock
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _worker_lock = try_lock(data_dir / WORKERS_LOCK, exclusive=False, wait=True)
 
 
 def update_partition(path: Path, index: int, change: Callable[[PartitionState], None]) -> Checkpoint:

@@ -70,10 +70,12 @@ class Config:
     )
     page_limit: int = field(default=5000, metadata={"env": "INGEST_PAGE_LIMIT", "help": "events per page (max 5000)"})
     feed_rate: float = field(
-        default=38.0, metadata={"env": "INGEST_FEED_RATE", "help": "feed requests per minute, shared by all fetchers"}
+        default=38.0,
+        metadata={"env": "INGEST_FEED_RATE", "help": "feed requests per window, shared by all fetchers (no headers)"},
     )
     events_rate: float = field(
-        default=9.5, metadata={"env": "INGEST_EVENTS_RATE", "help": "/events requests per minute (before headers say)"}
+        default=10.0,
+        metadata={"env": "INGEST_EVENTS_RATE", "help": "/events requests per window; X-RateLimit headers refine it"},
     )
     rate_window: float = field(
         default=60.0, metadata={"env": "INGEST_RATE_WINDOW", "help": "seconds the API's rate limits count over"}

@@ -7,6 +7,7 @@ through `psycopg2.sql.Identifier`.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,11 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-# Errors worth retrying: the server went away or is restarting, or is out of resources.
-TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")  # connection, insufficient resources, operator intervention
+# Errors worth retrying: the server went away or is restarting, or is out of resources, or
+# the transaction lost a deadlock or serialization conflict (two loaders inserting the same
+# ids in another order): connection, transaction rollback, insufficient resources,
+# operator intervention.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -28,9 +32,24 @@ def is_transient(exc: BaseException) -> bool:
     return code is not None and code[:2] in TRANSIENT_SQLSTATE_CLASSES
 
 
+# Bulk loading is not interactive work: a statement or lock timeout set for the database
+# or role (ALTER DATABASE ... SET statement_timeout) would cancel every COPY of a large
+# segment again on each retry, for ever. Like pg_dump/pg_restore, our sessions turn them
+# off; sent in the startup packet, so they apply before any statement runs. Options the
+# DSN or PGOPTIONS already carry come after ours and win.
+SESSION_OPTIONS = "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0"
+
+
+def session_options(dsn: str) -> str:
+    given = psycopg2.extensions.parse_dsn(dsn).get("options") or os.environ.get("PGOPTIONS", "")
+    return f"{SESSION_OPTIONS} {given}".strip()
+
+
 def connect(dsn: str, application_name: str = "datasync-ingest") -> psycopg2.extensions.connection:
     """A connection; libpq's PG* environment variables fill what the DSN leaves out."""
-    return psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+    return psycopg2.connect(
+        dsn, application_name=application_name, connect_timeout=10, options=session_options(dsn)
+    )
 
 
 def dsn_for_database(dsn: str, dbname: str) -> str:

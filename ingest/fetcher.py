@@ -7,12 +7,15 @@ after the seal is durable, so a crash loses at most the open segment, which is f
 
 from __future__ import annotations
 
+import errno
+import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -35,6 +38,8 @@ EXIT_FATAL = 3  # a terminal error (bad key...): restarting cannot help
 EXIT_RETRYABLE = 4  # retries exhausted on a transient fault: a restart may help
 
 CURSOR_TTL_MS = 110_000
+# Out of space (or over a file-size limit): restarting cannot help until space returns.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 BACKPRESSURE_POLL_S = 0.2
 
 
@@ -46,6 +51,12 @@ def partition_finished(page: Page, lower_ms: int) -> bool:
         return int(decode_cursor(page.next_cursor)["ts"]) < lower_ms
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def describe_os_error(exc: OSError, data_dir: Path) -> str:
+    """One line for the user: what failed, and where."""
+    what = "no space left in the data directory" if exc.errno in DISK_FULL else "cannot write to the data directory"
+    return f"{what} {data_dir}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
 
 def request_window(part: PartitionState) -> tuple[int | None, int | None]:
@@ -75,9 +86,26 @@ class FetchContext:
     on_page: Callable[[int], None] = lambda rows: None
 
 
+def skip_sequence(state_path: Path, part: PartitionState) -> PartitionState:
+    """Never reuse the sequence number a previous fetcher may have sealed.
+
+    A crash between a seal and its checkpoint leaves a sealed (maybe already loaded) segment
+    under `next_seq`. The pages after the checkpoint are fetched again, but may be cut into
+    segments differently (age-based rotation, a changing source); under the same id the
+    ledger would skip the new segment as loaded, and the extra events would be lost. So
+    every fetcher start moves `next_seq` on by one, durably, before writing anything.
+    """
+
+    def skip(state: PartitionState) -> None:
+        state.next_seq += 1
+
+    return checkpoint.update_partition(state_path, part.index, skip).partitions[part.index]
+
+
 def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
     """Walk `part` until drained (True) or stopped (False). Raises ApiError on failure."""
     config = ctx.config
+    part = skip_sequence(config.state_path, part)
     writer = SegmentWriter(
         ctx.store,
         part.index,
@@ -153,7 +181,12 @@ def fetcher_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.log_format, config.log_level, config.secrets(), process=f"fetcher-{index}")
-    parent = os.getppid()
+    # The pid the parent had when it started us (os.getppid() now could already be init's).
+    spawner = mp.parent_process()
+    parent = spawner.pid if spawner is not None and spawner.pid is not None else os.getppid()
+    checkpoint.hold_worker_lock(config.data_dir)  # a new supervisor waits until we are gone
+    if os.getppid() != parent:
+        sys.exit(EXIT_STOPPED)  # orphaned before we began: leave everything to the next run
 
     def should_stop() -> bool:
         return stop_event.is_set() or os.getppid() != parent
@@ -188,6 +221,9 @@ def fetcher_process(
     except ApiError as exc:
         errors.put(f"partition {index}: {exc}")
         code = EXIT_RETRYABLE
+    except OSError as exc:
+        errors.put(f"partition {index}: {describe_os_error(exc, config.data_dir)}")
+        code = EXIT_FATAL if exc.errno in DISK_FULL else EXIT_RETRYABLE
     finally:
         publisher.publish(client.stats)
     sys.exit(code)

@@ -27,7 +27,7 @@ import psycopg2.extensions
 from loguru import logger
 from psycopg2 import sql
 
-from ingest import db
+from ingest import checkpoint, db
 from ingest.config import Config
 from ingest.logs import configure_logging
 from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
@@ -355,15 +355,21 @@ def counted(result: LoadResult) -> dict[str, int]:
             "duplicates": result.duplicates, "rejected": result.rejected}
 
 
-def loader_process(config: Config, dsn: str, fetch_done_event: Any, stop_event: Any, counters: SharedCounters) -> None:
+def loader_process(
+    config: Config, dsn: str, fetch_done_event: Any, stop_event: Any, counters: SharedCounters, errors: Any = None
+) -> None:
     """Process entry point (spawn-safe). Each loaded segment's counts go into `counters`.
     Exits when `stop_event` is set, when `fetch_done_event` is set and ready/ is empty,
-    or when the parent dies."""
+    or when the parent dies. A fatal error's one-line reason goes to `errors` (a queue)
+    for the supervisor's final message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     configure_logging(config.log_format, config.log_level, config.secrets(), process=f"loader-{os.getpid()}")
     # The pid the parent had when it started us (os.getppid() now could already be init's).
     spawner = mp.parent_process()
     parent = spawner.pid if spawner is not None and spawner.pid is not None else os.getppid()
+    checkpoint.hold_worker_lock(config.data_dir)  # a new supervisor waits until we are gone
+    if os.getppid() != parent:
+        return  # orphaned before we began: leave everything to the next run
 
     def should_stop() -> bool:
         return bool(stop_event.is_set()) or os.getppid() != parent
@@ -374,7 +380,10 @@ def loader_process(config: Config, dsn: str, fetch_done_event: Any, stop_event: 
     try:
         loader_loop(config, dsn, should_stop, fetch_done_event.is_set, on_loaded)
     except Exception as exc:
-        logger.error("loader failed: {}", db.describe_error(exc))
+        reason = f"loader failed: {db.describe_error(exc)}"
+        logger.error(reason)
+        if errors is not None:
+            errors.put(reason)
         raise SystemExit(1) from exc
 
 

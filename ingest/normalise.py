@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
@@ -48,10 +51,57 @@ def _exact_int(text: str) -> int | Decimal:
 _RISKY_NUMBER = re.compile(rb"[:,\[]\s*-?(?:[0-9.]{17}|[0-9.]+[eE])")
 
 
-def _decode_exact(body: bytes) -> Any:
+# Deeply nested JSON: PostgreSQL's jsonb holds ~10,000 levels and more, orjson stops at
+# 1024 (loads) and 255 (dumps), Python's recursive code at its recursion limit. Past those,
+# the recursive work is redone on a thread with a large stack and a raised limit.
+DEEP_STACK_BYTES = 512 << 20
+DEEP_RECURSION_LIMIT = 60_000
+MAX_NESTING = 10_000  # deeper events are rejected (PostgreSQL's default stack holds ~10-40k)
+_DEEP_LOCK = threading.Lock()
+
+
+def deep_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` with room for ~50,000 levels of recursion (RecursionError beyond)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    with _DEEP_LOCK:
+        old_limit, old_stack = sys.getrecursionlimit(), threading.stack_size()
+        sys.setrecursionlimit(max(old_limit, DEEP_RECURSION_LIMIT))
+        try:
+            threading.stack_size(DEEP_STACK_BYTES)
+            try:
+                thread = threading.Thread(target=target, name="deep-json", daemon=True)
+                thread.start()
+            finally:
+                threading.stack_size(old_stack)
+            thread.join()
+        finally:
+            sys.setrecursionlimit(old_limit)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _decode_exact_shallow(body: bytes) -> Any:
     return json.loads(
         body.decode("utf-8"), parse_float=Decimal, parse_int=_exact_int, parse_constant=_refuse_constant
     )
+
+
+def _decode_exact(body: bytes) -> Any:
+    try:
+        return _decode_exact_shallow(body)
+    except RecursionError:
+        try:
+            return deep_call(_decode_exact_shallow, body)
+        except RecursionError:
+            raise ValueError(f"JSON nested deeper than {DEEP_RECURSION_LIMIT - 10_000} levels") from None
 
 
 def decode_json(body: bytes) -> Any:
@@ -67,7 +117,11 @@ def decode_json(body: bytes) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return _decode_exact(body)
-    if orjson.dumps(value) != body and _RISKY_NUMBER.search(body):
+    try:
+        same = orjson.dumps(value) == body
+    except TypeError:  # nested deeper than orjson writes: the number scan decides
+        same = False
+    if not same and _RISKY_NUMBER.search(body):
         return _decode_exact(body)
     return value
 
@@ -261,6 +315,32 @@ def _reject(event: Any, reason: str) -> Normalised:
 
 def normalise_event(event: object) -> Normalised:
     """One decoded API event -> its segment line (see the module docstring)."""
+    try:
+        return _normalise_event(event)
+    except RecursionError:  # nested deeper than the default limit: redo with a deep stack
+        pass
+    if nesting_depth(event) <= MAX_NESTING:
+        return deep_call(_normalise_event, event)  # type: ignore[no-any-return]
+    eid = event.get("id") if isinstance(event, dict) else None
+    reason = f"nested deeper than {MAX_NESTING} levels"
+    stub = {"id": eid if isinstance(eid, str) and _unstorable_text(eid) is None else None, "note": reason}
+    return Normalised(reject_line(stub, reason), eid if isinstance(eid, str) else None, None, reason)
+
+
+def nesting_depth(value: Any) -> int:
+    """Levels of objects/arrays, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _normalise_event(event: object) -> Normalised:
     if type(event) is not dict:
         return _reject(event, "not an object")
     eid = event.get("id")

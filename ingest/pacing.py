@@ -100,15 +100,20 @@ def penalise(state: PaceState, params: PaceParams, now: float, seconds: float) -
 def observe(state: PaceState, now: float, remaining: int | None, reset_s: float | None) -> PaceState:
     """Fold `X-RateLimit-Remaining` / `X-RateLimit-Reset` (seconds left) into the state.
 
-    The budget is exhausted: block until the window resets. Otherwise leave at least
-    `reset / remaining` between requests, so the window's remaining slots last until it
-    closes; the configured rate still applies, so the slower of the two wins.
+    The budget is exhausted: block until the window resets. Otherwise the remaining slots
+    are spread evenly up to the reset, counted from the start of the request these
+    headers answer (not from its response: a slow page must not also delay the next one);
+    the configured rate still applies, so the slower of the two wins.
     """
     if remaining is None or reset_s is None or not math.isfinite(reset_s):
         return state
     reset_s = max(0.0, reset_s)
-    gap = reset_s if remaining <= 0 else reset_s / remaining
-    return replace(state, blocked_until=max(state.blocked_until, now + gap))
+    if remaining <= 0:
+        return replace(state, blocked_until=max(state.blocked_until, now + reset_s))
+    # `remaining` more requests fit before the window resets, and the first request of the
+    # next window may go at the reset itself: remaining + 1 equal gaps.
+    last_start = state.tat - 1.0 / state.rate
+    return replace(state, tat=max(state.tat, last_start + reset_s / (remaining + 1)))
 
 
 class SharedRateLimiter:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from ingest.checkpoint import PartitionState
 
-DEFAULT_FEED_PARTITIONS = 4
-DEFAULT_EVENTS_PARTITIONS = 1
+# A page takes about as long as the pause the budgets allow between two requests, so one
+# sequential walker per lane would leave the budget idle while it waits for its page: these
+# defaults keep about two requests in flight per lane's worth of budget.
+DEFAULT_FEED_PARTITIONS = 6
+DEFAULT_EVENTS_PARTITIONS = 2
 
 
 def estimate_oldest(newest_ms: int, page_oldest_ms: int, page_events: int, total: int | None) -> int:
@@ -33,11 +36,12 @@ def choose_lanes(mode: str, partitions: int, feed_rate: float, events_rate: floa
         count = partitions or DEFAULT_FEED_PARTITIONS
         return [("feed", feed_rate / count)] * count
     if mode == "mixed":
-        total = partitions or DEFAULT_FEED_PARTITIONS + 1
+        total = partitions or DEFAULT_FEED_PARTITIONS + DEFAULT_EVENTS_PARTITIONS
         if total < 2:
             return [("feed", feed_rate)]
-        feeds = total - 1
-        return [("feed", feed_rate / feeds)] * feeds + [("events", events_rate)]
+        events = min(DEFAULT_EVENTS_PARTITIONS, total // 4) or 1
+        feeds = total - events
+        return [("feed", feed_rate / feeds)] * feeds + [("events", events_rate / events)] * events
     raise ValueError(f"unknown source mode {mode!r}")
 
 

@@ -174,7 +174,10 @@ class SegmentWriter:
         """Drop the open segment; its events are fetched again from the checkpoint."""
         if self._file is None:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a full disk cannot take the buffered rest: dropped with the file
+            pass
         self._file = None
         self._open_path.unlink(missing_ok=True)
         self.rows = self.size = 0
@@ -208,6 +211,23 @@ def retire(store: SegmentStore, loading_path: Path, keep: bool) -> None:
 def requeue(store: SegmentStore, loading_path: Path) -> None:
     """A claimed segment that was not loaded goes back to ready/ (pid suffix dropped)."""
     _move(loading_path, store.ready / f"{id_of(loading_path)}{SUFFIX}")
+
+
+def release(store: SegmentStore, pid: int) -> int:
+    """Requeue what a dead loader had claimed (`loading/<id>.<pid>.tsv`); how many.
+
+    Safe whatever the loader got to: its transaction either committed (the next claim
+    finds the ledger row and only retires the file) or died with its connection.
+    """
+    released = 0
+    for path in store.segments("loading"):
+        if path.name.endswith(f".{pid}{SUFFIX}"):
+            try:
+                requeue(store, path)
+            except FileNotFoundError:
+                continue
+            released += 1
+    return released
 
 
 def reject(store: SegmentStore, path: Path, reason: str) -> None:

@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
+import psycopg2
 from loguru import logger
 
 from ingest import checkpoint, db
@@ -33,7 +34,7 @@ from ingest.normalise import parse_timestamp
 from ingest.pacing import SharedRateLimiter
 from ingest.plan import choose_lanes, estimate_oldest, split_range
 from ingest.progress import Progress
-from ingest.segments import SegmentStore, reconcile
+from ingest.segments import SegmentStore, reconcile, release
 from ingest.stats import SharedCounters
 
 EXIT_OK = 0
@@ -41,6 +42,8 @@ EXIT_FATAL = 1
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TICK_S = 0.2
 DRAIN_GRACE_S = 30.0
+PROBE_LIMIT = 1000  # events in the planning probe: enough for a density estimate, quick to serve
+ORPHAN_GRACE_S = 30.0  # on top of the request timeout: how long orphans of a killed run may take to exit
 
 
 class RunError(RuntimeError):
@@ -71,10 +74,13 @@ def prepare_database(config: Config, dsn: str, store: SegmentStore) -> None:
         raise RunError(f"cannot connect to the database: {db.describe_error(exc)}") from None
     try:
         db.ensure_schema(conn, config.table)
-        report = reconcile(store, db.ledger_ids(conn), keep=config.keep_segments)
-        logger.info("reconciled segments: {}", report)
+        ledger = db.ledger_ids(conn)
+    except psycopg2.Error as exc:  # read-only, no privilege, cancelled...: one line, no traceback
+        raise RunError(f"cannot prepare the database: {db.describe_error(exc)}") from None
     finally:
         conn.close()
+    report = reconcile(store, ledger, keep=config.keep_segments)
+    logger.info("reconciled segments: {}", report)
 
 
 def newest_timestamp_ms(events: list[Any]) -> int | None:
@@ -86,17 +92,18 @@ def newest_timestamp_ms(events: list[Any]) -> int | None:
 def make_plan(config: Config, client: ApiClient) -> Checkpoint:
     """Probe the source once, then split its time range into partitions."""
     mode = {"auto": "mixed", "feed": "feed", "events": "events"}[config.source]
+    limit = min(config.page_limit, PROBE_LIMIT)
     if mode == "events":
-        probe = client.fetch_page("events", None, limit=config.page_limit)
+        probe = client.fetch_page("events", None, limit=limit)
     else:
         try:
-            probe = client.fetch_page("feed", None, limit=config.page_limit)
+            probe = client.fetch_page("feed", None, limit=limit)
         except SourceUnavailable as exc:
             if config.source == "feed":
                 raise RunError(f"the feed is unavailable: {exc}") from None
             logger.warning("no stream token ({}); using /api/v1/events only", exc)
             mode = "events"
-            probe = client.fetch_page("events", None, limit=config.page_limit)
+            probe = client.fetch_page("events", None, limit=limit)
     newest = newest_timestamp_ms(probe.events)
     generation = checkpoint.new_generation()
     if newest is None:
@@ -151,6 +158,8 @@ class Supervisor:
         self.signals: list[int] = []
         self.failure: str | None = None
         self.last_error: str | None = None
+        self.run_lock: BinaryIO | None = None
+        self.summary: dict[str, Any] = {}
 
     # -- children -------------------------------------------------------------------
     def _start(self, kind: str, key: int, restarts: int = 0) -> Child:
@@ -167,7 +176,7 @@ class Supervisor:
             )
             process = self.ctx.Process(target=fetcher_process, args=args, name=f"fetcher-{key}")
         else:
-            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.counters)
+            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.counters, self.errors)
             process = self.ctx.Process(target=loader_process, args=args, name=f"loader-{key}")
         process.start()
         child = Child(kind, key, process, restarts)
@@ -179,6 +188,12 @@ class Supervisor:
         for child in [c for c in self.children if not c.process.is_alive()]:
             self.children.remove(child)
             code = child.process.exitcode
+            if child.kind == "loader":
+                # A killed loader's claim would otherwise stay in loading/ until the next run.
+                released = release(self.store, child.process.pid)
+                if released:
+                    logger.warning("loader {} exited with {}; {} claimed segment(s) back to ready/",
+                                   child.key, code, released)
             if code == 0 and (child.kind == "fetcher" or self.fetch_done.is_set()):
                 continue
             self._drain_errors()
@@ -232,10 +247,33 @@ class Supervisor:
         try:
             return self._run()
         finally:
+            if self.run_lock is not None:
+                self.run_lock.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _lock_data_dir(self) -> None:
+        """One run per data directory, and none while orphans of a killed run still work
+        in it (see `checkpoint.try_lock`): they finish their page or segment and exit."""
+        data_dir = self.config.data_dir
+        self.run_lock = checkpoint.try_lock(data_dir / checkpoint.RUN_LOCK, exclusive=True)
+        if self.run_lock is None:
+            raise RunError(f"another datasync-ingest run is using {data_dir}")
+        deadline = time.monotonic() + self.config.request_timeout + ORPHAN_GRACE_S
+        waiting = False
+        while (workers := checkpoint.try_lock(data_dir / checkpoint.WORKERS_LOCK, exclusive=True)) is None:
+            if time.monotonic() > deadline:
+                raise RunError(f"processes of a previous run still work in {data_dir}; stop them and run again")
+            if self.signals:
+                raise RunError("stopped while waiting for the processes of a previous run to exit")
+            if not waiting:
+                logger.warning("waiting for the fetchers and loaders of a previous run to exit")
+                waiting = True
+            time.sleep(0.1)
+        workers.close()
+
     def _run(self) -> int:
+        self._lock_data_dir()
         self.store.ensure()
         prepare_database(self.config, self.dsn, self.store)
         self.plan = self._load_or_make_plan()
@@ -269,7 +307,7 @@ class Supervisor:
                 progress.update()
                 self.stop_loaders.wait(TICK_S)
         finally:
-            progress.close()
+            self.summary = progress.close()
             if metrics is not None:
                 metrics.stop()
         return self._outcome()
@@ -338,6 +376,9 @@ def run(config: Config) -> int:
             return Supervisor(config, dsn).run()
     except RunError as exc:
         logger.error("{}", exc)
+        return EXIT_FATAL
+    except OSError as exc:  # the data directory itself: full, read-only, gone
+        logger.error("cannot use the data directory {}: {}", config.data_dir, exc)
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_BY_SIGNAL[signal.SIGINT]

@@ -124,11 +124,12 @@ def test_observe_exhausted_blocks_until_reset() -> None:
     assert delay == pytest.approx(12.5)
 
 
-def test_observe_spreads_remaining_over_reset() -> None:
+def test_observe_spreads_remaining_over_reset_from_the_request_start() -> None:
     params = make_params(600, 60, burst=1)  # 10/s: the headers are the slower of the two
-    state = observe(initial_state(params, 0.0), now=0.0, remaining=4, reset_s=8.0)
-    _, delay = try_acquire(state, params, 0.0)
-    assert delay == pytest.approx(2.0)
+    state, _ = try_acquire(initial_state(params, 0.0), params, 0.0)  # the request starts at 0
+    state = observe(state, now=1.5, remaining=3, reset_s=8.0)  # its response comes at 1.5
+    _, delay = try_acquire(state, params, 1.5)
+    assert delay == pytest.approx(0.5)  # 3 more then the reset: gaps of 8 / 4 = 2 s from 0
 
 
 def test_observe_never_speeds_up_beyond_the_rate() -> None:

@@ -27,12 +27,14 @@ def test_estimate_oldest(newest: int, page_oldest: int, page_events: int, total:
 @pytest.mark.parametrize(
     "mode, partitions, expected",
     [
-        ("feed", 0, ["feed"] * 4),
+        ("feed", 0, ["feed"] * 6),
         ("feed", 2, ["feed"] * 2),
-        ("events", 0, ["events"]),
+        ("events", 0, ["events"] * 2),
         ("events", 3, ["events"] * 3),
-        ("mixed", 0, ["feed"] * 4 + ["events"]),
+        ("mixed", 0, ["feed"] * 6 + ["events"] * 2),
         ("mixed", 3, ["feed", "feed", "events"]),
+        ("mixed", 5, ["feed"] * 4 + ["events"]),
+        ("mixed", 8, ["feed"] * 6 + ["events"] * 2),
         ("mixed", 1, ["feed"]),
     ],
 )
@@ -42,8 +44,8 @@ def test_choose_lanes(mode: str, partitions: int, expected: list[str]) -> None:
 
 
 def test_mixed_lanes_weight_by_budget() -> None:
-    lanes = choose_lanes("mixed", 0, feed_rate=40, events_rate=10)
-    assert [w for _, w in lanes] == [10, 10, 10, 10, 10]
+    lanes = choose_lanes("mixed", 0, feed_rate=36, events_rate=10)
+    assert [w for _, w in lanes] == [6] * 6 + [5, 5]
     assert choose_lanes("mixed", 3, feed_rate=40, events_rate=10)[0][1] == 20
 
 

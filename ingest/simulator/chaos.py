@@ -40,20 +40,24 @@ class Decision:
 
 def response_fault(u: float, p: ChaosParams) -> tuple[str, int | None]:
     """Map one uniform draw to at most one whole-response fault (they exclude each other)."""
-    edges = (("5xx", p.p5xx), ("truncate", p.p_truncate), ("reset", p.p_reset), ("empty200", p.p_empty200))
+    edges = (("5xx", p.p5xx), ("truncate", p.p_truncate), ("reset", p.p_reset), ("empty200", p.p_empty200),
+             ("429", p.p429))
     acc = 0.0
     for kind, prob in edges:
         acc += prob
         if u < acc:
             if kind == "5xx":
                 return kind, FIVE_XX[min(3, int((u - acc + prob) / prob * 4))]
+            if kind == "429":
+                return kind, 429
             return kind, None
     return "", None
 
 
 class ChaosLayer:
-    def __init__(self, params: ChaosParams, seed: int) -> None:
+    def __init__(self, params: ChaosParams, seed: int, burst: tuple[int, int] = (0, 0)) -> None:
         self.params, self.seed = params, seed
+        self.burst_every, self.burst_length = burst
         self._counter = itertools.count()
         self._lock = threading.Lock()
 
@@ -66,7 +70,12 @@ class ChaosLayer:
         decision = Decision(rng)
         kind, status = response_fault(rng.random(), p)
         slow, dup, missing = rng.random(), rng.random(), rng.random()
-        if kind == "5xx":
+        if kind == "429" and not page:  # storms hit page requests only
+            kind, status = "", None
+        if self.burst_length and self.burst_every and n % self.burst_every >= self.burst_every - self.burst_length:
+            kind, status = "burst", (503, 502)[n % 2]
+            decision.kinds.append("burst")
+        if kind in ("5xx", "burst", "429"):
             decision.status = status
             decision.kinds.append(f"http_{status}")
             return decision

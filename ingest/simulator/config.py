@@ -19,6 +19,7 @@ CHAOS_MODES = ("none", "mild", "heavy")
 OUT_OF_RANGE_MODES = ("empty", "teapot")
 FEED_TIMESTAMP_MODES = ("mixed", "epochMs")
 FEED_WINDOW_KINDS = ("sliding", "fixed")
+RETRY_AFTER_FORMS = ("seconds", "zero", "http_date")
 
 # The chaos knobs and their values per preset. "mild" is section 9; "heavy" is about 5x that,
 # with a larger share of unstorable events and truncation of any body over 1 KB.
@@ -27,21 +28,24 @@ CHAOS_PRESETS: dict[str, dict[str, float]] = {
         "p5xx": 0.0, "p_truncate": 0.0, "p_empty200": 0.0, "p_reset": 0.0, "p_slow": 0.0,
         "p_missing_fields": 0.0, "missing_fields_share": 0.01, "p_malformed_timestamp": 0.0,
         "p_duplicate": 0.0, "p_unstorable": 0.0, "truncate_min_bytes": 1_000_000.0, "slow_delay": 5.0,
+        "p429": 0.0,
     },
     "mild": {
         "p5xx": 0.02, "p_truncate": 0.01, "p_empty200": 0.005, "p_reset": 0.005, "p_slow": 0.01,
         "p_missing_fields": 0.02, "missing_fields_share": 0.01, "p_malformed_timestamp": 0.001,
         "p_duplicate": 0.01, "p_unstorable": 0.0002, "truncate_min_bytes": 1_000_000.0, "slow_delay": 5.0,
+        "p429": 0.0,
     },
     "heavy": {
         "p5xx": 0.1, "p_truncate": 0.05, "p_empty200": 0.025, "p_reset": 0.025, "p_slow": 0.05,
         "p_missing_fields": 0.1, "missing_fields_share": 0.01, "p_malformed_timestamp": 0.005,
         "p_duplicate": 0.05, "p_unstorable": 0.002, "truncate_min_bytes": 1024.0, "slow_delay": 5.0,
+        "p429": 0.0,
     },
 }
 # Probabilities scaled by `chaos_multiplier`; the other knobs are sizes and durations.
 _PROBABILITIES = ("p5xx", "p_truncate", "p_empty200", "p_reset", "p_slow", "p_missing_fields",
-                  "p_malformed_timestamp", "p_duplicate", "p_unstorable")
+                  "p_malformed_timestamp", "p_duplicate", "p_unstorable", "p429")
 
 # The section 6 type multiset for 3,000,000 events; scaled down with `events`.
 TYPE_COUNTS: tuple[tuple[str, int], ...] = (
@@ -71,6 +75,7 @@ class ChaosParams:
     p_unstorable: float
     truncate_min_bytes: float
     slow_delay: float
+    p429: float
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,14 @@ class SimulatorConfig:
     p_unstorable: float | None = None
     truncate_min_bytes: float | None = None
     slow_delay: float | None = None
+    p429: float | None = None  # a 429 regardless of the budget (a storm), per page request
+    retry_after: float = 1.0  # model seconds a chaos 429 asks to wait
+    retry_after_form: str = "seconds"  # every 429's Retry-After: seconds, zero ("0"), http_date
+    burst_every: int = 0  # outage bursts: the last `burst_length` of every `burst_every`
+    burst_length: int = 0  # requests get a 503/502; 0: off
     garbage_cursor_502: bool = False
+    # Dataset: this many events are replaced by hand-written hostile ones (hostile.py)
+    hostile_events: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,6 +164,7 @@ class SimulatorConfig:
             "out_of_range_mode": (self.out_of_range_mode, OUT_OF_RANGE_MODES),
             "feed_timestamp_mode": (self.feed_timestamp_mode, FEED_TIMESTAMP_MODES),
             "feed_window_kind": (self.feed_window_kind, FEED_WINDOW_KINDS),
+            "retry_after_form": (self.retry_after_form, RETRY_AFTER_FORMS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

@@ -23,6 +23,8 @@ from typing import Any
 import orjson
 
 from ingest.simulator.config import SimulatorConfig, scaled_type_counts
+from ingest.simulator.hostile import HOSTILE_KINDS, hostile_json
+from ingest.simulator.hostile import storable as hostile_storable
 
 DEVICE_TYPES = ("mobile", "tablet", "desktop")
 BROWSERS = ("Chrome", "Safari", "Firefox", "Edge")
@@ -112,6 +114,7 @@ class Dataset:
         session_index: dict[str, int],
         unstorable: dict[int, str],
         stats: dict[str, Any],
+        hostile: dict[int, str] | None = None,
     ) -> None:
         self.ts = ts
         self.ids = ids
@@ -123,6 +126,7 @@ class Dataset:
         self.session_suffix = session_suffix
         self.session_index = session_index
         self.unstorable = unstorable
+        self.hostile = hostile or {}  # storable hostile events (unstorable ones are in `unstorable`)
         self.stats = stats
         self._views: dict[tuple[str, str], Sequence[int]] = {}
         self.everything = range(len(ts))  # the unfiltered view
@@ -175,6 +179,9 @@ class Dataset:
             suffix.append(f',"session":{{"id":"{sid}","deviceType":"{device}","browser":"{browser}"}}}}')
             index[sid] = s
         unstorable = pick_unstorable(config, n)
+        hostile: dict[int, str] = {}
+        for i, kind in pick_hostile(config, n, unstorable).items():
+            (hostile if hostile_storable(kind) else unstorable)[i] = kind
         stats = {
             "events": n,
             "sessions": n_sessions,
@@ -183,7 +190,7 @@ class Dataset:
             "deviceTypes": [{"deviceType": d, "count": c} for d, c in device_counts.items()],
         }
         return cls(ts, ids, names, sess, bytes(types), [t for t, _ in type_counts], prefix, suffix,
-                   index, unstorable, stats)
+                   index, unstorable, stats, hostile)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -272,6 +279,8 @@ class Dataset:
     def unstorable_json(self, i: int, numeric_ts: bool) -> str:
         """The static damaged form of an unstorable event."""
         kind = self.unstorable[i]
+        if kind in HOSTILE_KINDS:
+            return self.hostile_json(i)
         if kind == "not_object":  # distinct per event, like real corruption would be
             return orjson.dumps(["not an object", self.id_of(i)]).decode()
         event = self.event_dict(i, numeric_ts)
@@ -283,6 +292,11 @@ class Dataset:
             event["timestamp"] = "not-a-date"
         return orjson.dumps(event).decode()
 
+    def hostile_json(self, i: int) -> str:
+        """The hand-written text of a hostile event (its timestamp is always epoch ms)."""
+        kind = self.hostile.get(i) or self.unstorable[i]
+        return hostile_json(kind, self.event_dict(i, True))
+
     def render(self, indices: Iterable[int], mixed: bool, special: dict[int, str] | None = None) -> list[str]:
         """Event JSON texts for `indices`; position p gets epoch ms when p % 3 == 0 (if mixed).
 
@@ -290,7 +304,7 @@ class Dataset:
         """
         ids, names, times, sess, types = self.ids, self.names, self.ts, self.sess, self.types
         type_names, prefix, suffix = self.type_names, self.session_prefix, self.session_suffix
-        unstorable = self.unstorable
+        unstorable, hostile = self.unstorable, self.hostile
         out: list[str] = []
         minute_prefix, minute_suffix = _minute_prefix, _MINUTE_SUFFIX
         for p, i in enumerate(indices):
@@ -300,6 +314,9 @@ class Dataset:
                 continue
             if unstorable and i in unstorable:
                 out.append(self.unstorable_json(i, numeric))
+                continue
+            if hostile and i in hostile:
+                out.append(self.hostile_json(i))
                 continue
             h = ids[16 * i : 16 * i + 16].hex()
             t = times[i]
@@ -340,6 +357,17 @@ def _sort_ties(ts: array, ids: bytearray) -> None:
         chunk = sorted((bytes(ids[16 * k : 16 * k + 16]) for k in range(i, j)), reverse=True)
         ids[16 * i : 16 * j] = b"".join(chunk)
         i = j
+
+
+def pick_hostile(config: SimulatorConfig, n: int, taken: dict[int, str]) -> dict[int, str]:
+    """`config.hostile_events` events, spread over the data, each of one hostile kind in turn."""
+    free = [i for i in range(n) if i not in taken]
+    count = min(len(free), config.hostile_events)
+    if count == 0:
+        return {}
+    rng = random.Random(f"hostile:{config.seed}")
+    kinds = list(HOSTILE_KINDS)
+    return {i: kinds[k % len(kinds)] for k, i in enumerate(sorted(rng.sample(free, count)))}
 
 
 def pick_unstorable(config: SimulatorConfig, n: int) -> dict[int, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import secrets
 import socket
 import struct
@@ -231,7 +232,7 @@ class SimulatorApp:
         )
         self.stream_window = FixedWindow(config.stream_access_limit, config.stream_access_window / s)
         self.cache: ResponseCache[PageSpec] = ResponseCache(config.cache_ttl / s)
-        self.chaos = ChaosLayer(config.chaos_params(), config.chaos_seed)
+        self.chaos = ChaosLayer(config.chaos_params(), config.chaos_seed, (config.burst_every, config.burst_length))
         self.pages = PageRenderer(dataset)
         self.latency = LatencyModel(
             config.base_latency / s, config.per_event_latency / s, config.latency_jitter,
@@ -240,8 +241,8 @@ class SimulatorApp:
         self.chaos_on = config.chaos != "none" or any(
             getattr(config.chaos_params(), name) > 0
             for name in ("p5xx", "p_truncate", "p_empty200", "p_reset", "p_slow", "p_missing_fields",
-                         "p_malformed_timestamp", "p_duplicate")
-        )
+                         "p_malformed_timestamp", "p_duplicate", "p429")
+        ) or bool(config.burst_every and config.burst_length)
         self.keys = frozenset(config.api_keys)
         self.first_call: dict[str, float] = {}
         self.tokens: dict[str, tuple[str, float]] = {}
@@ -315,11 +316,22 @@ class SimulatorApp:
             ("X-RateLimit-Reset", format_duration(state.reset, self.scale)),
         ]
 
-    def too_many(self, state: WindowState, standard: bool, retry_after: bool) -> Reply:
+    def retry_after_value(self, seconds: float, now: float) -> str:
+        """Retry-After in the configured form: decimal seconds, "0", or an HTTP date (whole
+        seconds, rounded up so that it never asks for less than `seconds`)."""
+        form = self.config.retry_after_form
+        if form == "zero":
+            return "0"
+        if form == "http_date":
+            return formatdate(math.ceil(now + seconds), usegmt=True)
+        return format_duration(seconds, self.scale)
+
+    def too_many(self, state: WindowState, standard: bool, retry_after: bool, now: float | None = None) -> Reply:
         """429. Standard endpoints: X-RateLimit-* headers, Retry-After and a `rateLimit` object.
         Hidden limits (feed, stream-access): a bare body, Retry-After only if configured."""
         wait = format_duration(state.reset, self.scale)
-        headers = [("Retry-After", wait)] if retry_after else []
+        told = self.retry_after_value(state.reset, time.time() if now is None else now)
+        headers = [("Retry-After", told)] if retry_after else []
         if not standard:
             return self.error(429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded. Please slow down.", headers)
         value = duration_value(state.reset, self.scale)
@@ -386,7 +398,7 @@ class SimulatorApp:
             state = count()
             if not state.allowed:
                 standard = peek is not None
-                return self.too_many(state, standard, retry_after=standard or cfg.feed_retry_after)
+                return self.too_many(state, standard, retry_after=standard or cfg.feed_retry_after, now=req.now)
         headers = self.rate_headers(state) if (state and peek) else []
         view = self.dataset.view(q.get("sessionId"), q.get("type"))
         built = self.build_page(req, view, limit, since, until, mixed)
@@ -445,6 +457,12 @@ class SimulatorApp:
             if self.chaos_on else None
         if decision and decision.status:
             self.count_faults(decision)
+            if decision.status == 429:  # a storm: refused whatever the budget says
+                seconds = self.config.retry_after / self.scale
+                state = WindowState(False, self.config.events_limit, 0, seconds)
+                reply = self.too_many(state, standard=route == "events", retry_after=True, now=req.now)
+                reply.route = route
+                return reply
             return self.server_error(decision.status, headers, route)
         duplicates = decision.duplicates if decision else 0
         first = max(spec.lo, spec.start - duplicates)
