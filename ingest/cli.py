@@ -7,6 +7,7 @@ one line that names the option.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -57,7 +58,23 @@ def config_or_exit(cli_values: dict[str, Any], required: tuple[str, ...] = ("api
 
 
 class DefaultRunGroup(click.Group):
-    """`datasync-ingest --workers 4` means `datasync-ingest run --workers 4`."""
+    """`datasync-ingest --workers 4` means `datasync-ingest run --workers 4`.
+
+    Usage errors (an unknown option, a missing value, an extra argument) exit 2 with one
+    line, like configuration errors, instead of click's usage block.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"datasync-ingest: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("datasync-ingest: aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help", "--version")):
@@ -84,10 +101,26 @@ def run(**cli_values: Any) -> None:
     130/143 stopped by SIGINT/SIGTERM (state kept, the next run resumes).
     """
     config = config_or_exit(cli_values)
+    usable_data_dir_or_exit(config)
     configure_logging(config.log_format, config.log_level, config.secrets(), process="supervisor")
     from ingest.supervisor import run as run_ingestion
 
     sys.exit(run_ingestion(config))
+
+
+def usable_data_dir_or_exit(config: Config) -> None:
+    """The data directory must exist or be creatable, and be a writable directory."""
+    path = config.data_dir
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
+    except OSError as exc:
+        problem = f"cannot be created ({exc.strerror or exc})"
+    if problem:
+        click.echo(f"datasync-ingest: configuration error: --data-dir (INGEST_DATA_DIR) {path} {problem}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 LOCAL_FIELDS = ("database_url", "data_dir", "table", "log_format", "log_level", "workers", "keep_segments")

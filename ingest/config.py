@@ -8,6 +8,7 @@ pure function of those three mappings so it can be table-tested; bad values rais
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -188,6 +189,8 @@ def _parse_float(minimum: float) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
         if not value >= minimum:
             raise ValueError(f"must be at least {minimum}, got {text}")
         return value
@@ -237,9 +240,24 @@ def _parse_table(text: str) -> str:
     return text
 
 
+DSN_SCHEMES = ("postgresql", "postgres")
+
+
 def _parse_dsn(text: str) -> str | None:
+    """A PostgreSQL URL or key=value string, checked for syntax only (no connection). The
+    message never quotes the value: it may hold a password."""
     text = text.strip()
-    return text or None
+    if not text:
+        return None
+    if "://" in text and urlsplit(text).scheme.lower() not in DSN_SCHEMES:
+        raise ValueError("must be a postgresql:// URL or a key=value connection string")
+    from psycopg2.extensions import parse_dsn  # libpq's own parser
+
+    try:
+        parse_dsn(text)
+    except Exception:  # psycopg2.ProgrammingError; its text may quote the password
+        raise ValueError("is not a valid PostgreSQL connection string (URL or key=value)") from None
+    return text
 
 
 def _parse_port(text: str) -> int | None:

@@ -395,7 +395,7 @@ def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:
     fetch_done.set()
     counters = SharedCounters(ctx)
     procs = [
-        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, counters), name=f"loader-{i}")
+        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, counters.for_child()), name=f"loader-{i}")
         for i in range(workers)
     ]
     for p in procs:

@@ -17,6 +17,12 @@ from loguru import logger
 _secrets: list[str] = []
 
 
+def redact(text: str) -> str:
+    """`text` with every registered secret (key, DSN password, every stream token this
+    process ever held) masked: for messages that leave the process (error queues)."""
+    return _redact(text)
+
+
 def _redact(text: str) -> str:
     for secret in _secrets:
         if secret and secret in text:

@@ -301,10 +301,15 @@ def _field(value: Any) -> str | None:
     return _json_bytes(value).decode("utf-8")
 
 
+# The primary key's btree holds entries up to ~2,700 bytes (less once compression fails):
+# a longer id would make the whole segment unloadable, so it is a reject, like a NUL.
+MAX_ID_BYTES = 1024
+
+
 def reject_line(event: Any, reason: str) -> bytes:
     """A reject row: the id when it is a storable string, the reason, the ASCII JSON text."""
     eid = event.get("id") if isinstance(event, dict) else None
-    keep_id = eid if isinstance(eid, str) and eid and _unstorable_text(eid) is None else None
+    keep_id = eid if isinstance(eid, str) and eid and len(eid) <= MAX_ID_BYTES and _unstorable_text(eid) is None else None
     return encode_row((keep_id, None, None, None, None, None, None, reason, ascii_json(event)))
 
 
@@ -320,7 +325,7 @@ def normalise_event(event: object) -> Normalised:
     except RecursionError:  # nested deeper than the default limit: redo with a deep stack
         pass
     if nesting_depth(event) <= MAX_NESTING:
-        return deep_call(_normalise_event, event)  # type: ignore[no-any-return]
+        return deep_call(_normalise_event, event)
     eid = event.get("id") if isinstance(event, dict) else None
     reason = f"nested deeper than {MAX_NESTING} levels"
     stub = {"id": eid if isinstance(eid, str) and _unstorable_text(eid) is None else None, "note": reason}
@@ -350,6 +355,8 @@ def _normalise_event(event: object) -> Normalised:
         return _reject(event, "id is not a string")
     if not eid:
         return _reject(event, "empty id")
+    if len(eid) > MAX_ID_BYTES // 4 and len(eid.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return _reject(event, f"id longer than {MAX_ID_BYTES} bytes")
     try:
         payload = orjson.dumps(event)
     except TypeError:

@@ -23,7 +23,8 @@ import math
 import multiprocessing as mp
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 # AIMD tuning: each 429 cuts the rate to 80 %; the rate never goes below a quarter of the
 # configured one; a tenth of the configured rate comes back per window without a 429.
 DECREASE = 0.8
+LOCK_TIMEOUT_S = 2.0
 FLOOR_SHARE = 0.25
 RECOVERY_SHARE_PER_WINDOW = 0.1
 
@@ -140,6 +142,18 @@ class SharedRateLimiter:
         self._blocked_until = ctx.RawValue("d", state.blocked_until)
         self._updated = ctx.RawValue("d", state.updated)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The shared lock, but never a wait for ever: a process SIGKILLed while holding it
+        never releases it. After LOCK_TIMEOUT_S we go on unsynchronised; the worst outcome
+        is one request paced as if alone, which the 429 handling absorbs."""
+        acquired = self._lock.acquire(timeout=LOCK_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            if acquired:
+                self._lock.release()
+
     def _load(self) -> PaceState:
         return PaceState(self._rate.value, self._tat.value, self._blocked_until.value, self._updated.value)
 
@@ -151,14 +165,14 @@ class SharedRateLimiter:
 
     def snapshot(self) -> PaceState:
         """The current state (for progress reports and tests)."""
-        with self._lock:
+        with self._locked():
             return self._load()
 
     def acquire(self, wait: Callable[[float], bool]) -> bool:
         """Block until a slot is ours (True), or until `wait` reports a shutdown (False).
         The lock is never held while waiting."""
         while True:
-            with self._lock:
+            with self._locked():
                 state, delay = try_acquire(self._load(), self.params, self.clock())
                 self._store(state)
             if delay <= 0:
@@ -167,11 +181,11 @@ class SharedRateLimiter:
                 return False
 
     def penalise(self, seconds: float) -> None:
-        with self._lock:
+        with self._locked():
             self._store(penalise(self._load(), self.params, self.clock(), seconds))
 
     def observe(self, remaining: int | None, reset_s: float | None) -> None:
-        with self._lock:
+        with self._locked():
             self._store(observe(self._load(), self.clock(), remaining, reset_s))
 
 

@@ -6,6 +6,7 @@ child, readable by the supervisor without messages.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 COUNTER_NAMES = (
@@ -33,23 +34,43 @@ CLIENT_COUNTERS = ("requests", "retries", "http_429", "http_5xx", "truncated", "
 
 
 class SharedCounters:
+    """One row of counters per process, summed on read.
+
+    A child writes only its own row, so no lock is needed: a lock held by a process that is
+    SIGKILLed mid-update is never released and would freeze every other process of the run.
+    The parent hands each child its row with `for_child()` when starting it; the parent
+    itself writes row 0. Rows are reused round-robin after `ROWS - 1` starts (the old
+    writer is long dead by then, and its totals stay counted).
+    """
+
+    ROWS = 256
+
     def __init__(self, ctx: Any) -> None:
-        self._array = ctx.Array("q", len(COUNTER_NAMES))
+        self._array = ctx.RawArray("q", self.ROWS * len(COUNTER_NAMES))
+        self._starts = ctx.RawValue("q", 0)  # written by the parent only
+        self._row = 0
+
+    def for_child(self) -> SharedCounters:
+        """The same counters, writing to a row of their own (call in the parent)."""
+        self._starts.value += 1
+        child = copy.copy(self)
+        child._row = 1 + (self._starts.value - 1) % (self.ROWS - 1)
+        return child
 
     def add(self, name: str, amount: int = 1) -> None:
         if amount:
-            with self._array.get_lock():
-                self._array[_INDEX[name]] += amount
+            self._array[self._row * len(COUNTER_NAMES) + _INDEX[name]] += amount
 
     def add_many(self, amounts: dict[str, int]) -> None:
-        with self._array.get_lock():
-            for name, amount in amounts.items():
-                self._array[_INDEX[name]] += amount
+        base = self._row * len(COUNTER_NAMES)
+        for name, amount in amounts.items():
+            self._array[base + _INDEX[name]] += amount
 
     def snapshot(self) -> dict[str, int]:
-        with self._array.get_lock():
-            values = list(self._array)
-        return dict(zip(COUNTER_NAMES, values, strict=True))
+        width = len(COUNTER_NAMES)
+        values = self._array[:]
+        totals = [sum(values[i::width]) for i in range(width)]
+        return dict(zip(COUNTER_NAMES, totals, strict=True))
 
 
 class ClientStatsPublisher:

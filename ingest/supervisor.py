@@ -172,11 +172,11 @@ class Supervisor:
                 self.events_limiter,
                 self.stop_fetch,
                 self.errors,
-                self.counters,
+                self.counters.for_child(),
             )
             process = self.ctx.Process(target=fetcher_process, args=args, name=f"fetcher-{key}")
         else:
-            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.counters, self.errors)
+            args = (self.config, self.dsn, self.fetch_done, self.stop_loaders, self.counters.for_child(), self.errors)
             process = self.ctx.Process(target=loader_process, args=args, name=f"loader-{key}")
         process.start()
         child = Child(kind, key, process, restarts)

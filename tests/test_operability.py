@@ -12,8 +12,9 @@ import socket
 import struct
 import subprocess
 import termios
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import psycopg2

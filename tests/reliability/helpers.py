@@ -70,6 +70,23 @@ def claims(data_dir: Path) -> dict[int, list[Path]]:
     return out
 
 
+def lock_holders(path: Path) -> set[int]:
+    """Pids holding a flock on `path`, from /proc/locks (matched by inode)."""
+    try:
+        inode = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return set()
+    holders = set()
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields:
+            pid, where = fields[4], fields[5]
+            if where.rsplit(":", 1)[-1] == str(inode):
+                holders.add(int(pid))
+    return holders
+
+
 def wait_until_gone(pids: list[int], timeout: float) -> list[int]:
     """Poll until none of `pids` runs; the survivors at the deadline."""
     deadline = time.monotonic() + timeout

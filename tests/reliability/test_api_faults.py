@@ -16,7 +16,11 @@ from typing import Any
 
 import orjson
 import pytest
+import responses
 
+from ingest.api import ApiClient
+from ingest.config import Config
+from ingest.cursors import encode_cursor
 from ingest.simulator import SimulatorConfig, start_simulator
 from tests.e2e import assert_exact, ingest_env, run_to_end
 
@@ -53,7 +57,7 @@ def run_case(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One run to the end; returns the simulator's stats and the run's summary."""
     options: dict[str, Any] = {
-        "events": 20_000, "seed": 3, "latency": "none", "rate_limits": False, "chaos": "none",
+        "events": 10_000, "seed": 3, "latency": "none", "rate_limits": False, "chaos": "none",
         "key_validity": 1e9, "time_scale": SCALE, **sim,
     }
     simulator = start_simulator(SimulatorConfig(**options))
@@ -75,19 +79,20 @@ def faults(stats: dict[str, Any], *kinds: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# One fault at a time (fast)
+# One fault at a time (the first few are the fast subset of `make test`)
 
 
 def test_5xx_bursts(pg_dsn: str, data_dir: Path) -> None:
-    # The last 12 of every 40 requests meet an outage (503/502), on top of 30 % random 5xx.
+    # The last 8 of every 24 requests meet an outage (503/502), on top of 30 % random 5xx.
     stats, _ = run_case(
-        "5xx", pg_dsn, data_dir, {"p5xx": 0.3, "burst_every": 40, "burst_length": 12}, {"INGEST_PARTITIONS": 2}
+        "5xx", pg_dsn, data_dir, {"p5xx": 0.3, "burst_every": 24, "burst_length": 8},
+        {"INGEST_PARTITIONS": 2, "INGEST_PAGE_LIMIT": 250},
     )
-    assert faults(stats, "burst") >= 12
+    assert faults(stats, "burst") >= 8
     assert faults(stats, "http_500", "http_502", "http_503", "http_504") >= 20
 
 
-@pytest.mark.parametrize("source", ["events", "feed"])
+@pytest.mark.parametrize("source", ["events", pytest.param("feed", marks=pytest.mark.slow)])
 def test_429_storm_with_retry_after_zero(pg_dsn: str, data_dir: Path, source: str) -> None:
     # Half the page requests are refused with `Retry-After: 0`, whatever the budget.
     stats, summary = run_case(
@@ -101,15 +106,16 @@ def test_429_with_a_huge_retry_after_does_not_hang(pg_dsn: str, data_dir: Path) 
     # Retry-After of ~10^4 s (10^6 model seconds at scale 100): far past any rate window.
     # The client caps the wait at its window instead of sleeping for hours.
     stats, _ = run_case(
-        "429-huge", pg_dsn, data_dir, {"p429": 0.3, "retry_after": 1e6},
-        {"INGEST_RATE_WINDOW": 60 / SCALE, "INGEST_SOURCE": "events"}, timeout=240,
+        "429-huge", pg_dsn, data_dir, {"events": 5000, "p429": 0.4, "retry_after": 1e6},
+        {"INGEST_RATE_WINDOW": 60 / SCALE, "INGEST_SOURCE": "events", "INGEST_PAGE_LIMIT": 500}, timeout=240,
     )
-    assert faults(stats, "http_429") >= 3
+    assert faults(stats, "http_429") >= 2
 
 
+@pytest.mark.slow
 def test_429_with_retry_after_as_http_date(pg_dsn: str, data_dir: Path) -> None:
     stats, _ = run_case(
-        "429-http-date", pg_dsn, data_dir, {"events": 10_000, "p429": 0.2, "retry_after_form": "http_date"},
+        "429-http-date", pg_dsn, data_dir, {"p429": 0.2, "retry_after_form": "http_date"},
         {"INGEST_PAGE_LIMIT": 2000, "INGEST_SOURCE": "events"},
     )
     assert faults(stats, "http_429") >= 1
@@ -119,18 +125,20 @@ def test_truncated_and_empty_bodies(pg_dsn: str, data_dir: Path) -> None:
     stats, summary = run_case(
         "truncated", pg_dsn, data_dir, {"p_truncate": 0.3, "p_empty200": 0.1, "truncate_min_bytes": 1024}, {}
     )
-    assert faults(stats, "truncate") >= 5 and faults(stats, "empty200") >= 1
-    assert summary["retries"] >= 6
+    assert faults(stats, "truncate") >= 3 and faults(stats, "empty200") >= 1
+    assert summary["retries"] >= 4
 
 
+@pytest.mark.slow
 def test_connection_resets(pg_dsn: str, data_dir: Path) -> None:
     stats, _ = run_case("reset", pg_dsn, data_dir, {"p_reset": 0.3}, {})
-    assert faults(stats, "reset") >= 5
+    assert faults(stats, "reset") >= 3
 
 
+@pytest.mark.slow
 def test_duplicates_across_pages(pg_dsn: str, data_dir: Path) -> None:
     stats, _ = run_case("duplicates", pg_dsn, data_dir, {"p_duplicate": 0.6}, {"INGEST_PAGE_LIMIT": 500})
-    assert faults(stats, "duplicate") >= 10
+    assert faults(stats, "duplicate") >= 5
 
 
 def test_token_expiry(pg_dsn: str, data_dir: Path) -> None:
@@ -141,6 +149,7 @@ def test_token_expiry(pg_dsn: str, data_dir: Path) -> None:
     assert stats["tokens_issued"] >= 5 and summary["token_refreshes"] >= 5
 
 
+@pytest.mark.slow
 def test_cursor_expiry(pg_dsn: str, data_dir: Path) -> None:
     # A cursor lives 50 ms and a fifth of the pages take 0.1-0.3 s to arrive: most cursors
     # are dead on arrival and must be revived at the same position.
@@ -154,7 +163,7 @@ def test_cursor_expiry(pg_dsn: str, data_dir: Path) -> None:
 def test_api_that_stalls_past_the_read_timeout(pg_dsn: str, data_dir: Path) -> None:
     # A fifth of the responses stall 1.5-4.5 s; the client gives up on each after 0.5 s.
     stats, summary = run_case(
-        "stall", pg_dsn, data_dir, {"events": 10_000, "p_slow": 0.2, "slow_delay": 300.0},
+        "stall", pg_dsn, data_dir, {"p_slow": 0.2, "slow_delay": 300.0},
         {"INGEST_REQUEST_TIMEOUT": 0.5, "INGEST_PAGE_LIMIT": 1000},
     )
     assert faults(stats, "slow") >= 2 and summary["retries"] >= 2
@@ -176,7 +185,7 @@ def test_real_rate_limits_hammered_with_every_retry_after_form(pg_dsn: str, data
         {"INGEST_RATE_WINDOW": 60 / SCALE, "INGEST_FEED_RATE": 1800, "INGEST_EVENTS_RATE": 900},
         timeout=400,
     )
-    assert stats["rate_limited"] >= 10
+    assert stats["rate_limited"] >= 1
 
 
 @pytest.mark.slow
@@ -207,3 +216,48 @@ def test_heavy_chaos_with_rate_limits_and_latency(pg_dsn: str, data_dir: Path) -
         timeout=500,
     )
     assert sum(stats["faults"].values()) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feed_limit", [10, 2])
+def test_hidden_feed_limit_below_the_clients_pace_with_retry_after_zero(
+    pg_dsn: str, data_dir: Path, feed_limit: int
+) -> None:
+    # The feed allows fewer requests than the client's configured pace (38 per window), and
+    # every 429 says `Retry-After: 0`: taken literally, the client would retry at once, into
+    # the same full window, until it gives up.
+    stats, _ = run_case(
+        f"hidden-feed-limit-{feed_limit}", pg_dsn, data_dir,
+        {"rate_limits": True, "feed_limit": feed_limit, "feed_retry_after": True, "retry_after_form": "zero"},
+        {"INGEST_RATE_WINDOW": 60 / SCALE, "INGEST_SOURCE": "feed", "INGEST_PAGE_LIMIT": 250},
+        timeout=400,
+    )
+    assert stats["rate_limited"] >= 5
+
+
+def test_a_fresh_token_that_expires_in_flight_is_renewed_not_fatal() -> None:
+    """Found by `test_every_fault_at_once`: a renewed token (on probation) sent with a request
+    that stalled past the token's lifetime came back 403, and the run died with "a fresh
+    stream token was refused too". Only a token refused while still valid proves that."""
+    now = [1_800_000_000.0]
+    config = Config(api_url="http://api.test/api/v1", api_key="ds_" + "d" * 32, request_timeout=5, max_attempts=4)
+    client = ApiClient(config, None, None, clock=lambda: now[0], sleep_until_or_stop=lambda deadline: False)
+    feed = "http://api.test/api/v1/events/d4ta/x7k9/feed"
+    page = {"data": [{"id": "e1", "timestamp": 1769541612369}],
+            "pagination": {"hasMore": True, "cursorExpiresIn": 116,
+                           "nextCursor": encode_cursor("e1", 1769541612369, int(now[0] * 1000) + 120_000)}}
+
+    def stalled(_request: object) -> tuple[int, dict[str, str], str]:
+        now[0] += 2.0  # the answer comes after the 1 s token has expired
+        return 403, {}, json.dumps({"code": "INVALID_STREAM_TOKEN", "message": "expired"})
+
+    with responses.RequestsMock() as mocked:
+        for n in range(3):
+            mocked.post("http://api.test/internal/dashboard/stream-access",
+                        json={"streamAccess": {"token": f"{n}" * 64, "expiresIn": 1}})
+        mocked.get(feed, status=403, json={"code": "INVALID_STREAM_TOKEN", "message": "expired"})
+        mocked.add_callback("GET", feed, callback=stalled)
+        mocked.get(feed, json=page)
+        result = client.fetch_page("feed", None)
+    assert [e["id"] for e in result.events] == ["e1"]
+    assert client.stats["token_refreshes"] == 3

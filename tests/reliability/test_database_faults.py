@@ -259,7 +259,7 @@ def blocked(dsn: str) -> bool:
 def test_a_fault_no_retry_can_fix_exits_1_naming_it(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
     """The table renamed away mid-run: loaders fail on every restart; the run exits 1 with
     the server's reason, keeps its state, and completes once the table is back."""
-    env = fault_env(simulator, pg_dsn, data_dir)
+    env = fault_env(simulator, pg_dsn, data_dir, INGEST_MAX_RESTARTS=1)
     run = start_run(env, data_dir / "run.log")
     try:
         load_progress(pg_dsn, 0, run)

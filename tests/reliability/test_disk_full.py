@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import random
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,12 @@ def fill(mount: Path, ballast: Path) -> None:
             size //= 16
 
 
+def keep_full(mount: Path, ballast: Path, stop: threading.Event) -> None:
+    while not stop.is_set():
+        fill(mount, ballast)
+        stop.wait(0.005)
+
+
 def ended(run: Run) -> bool:
     return run.process.poll() is not None
 
@@ -135,8 +142,15 @@ def test_disk_fills_up_at_random_moments(simulator: Any, pg_dsn: str, tmp_path: 
                 wait_for(lambda r=run, t=target: fetched_rows(data_dir) >= t or ended(r), 120, "progress")
                 if ended(run):
                     break
-                fill(mount, ballast)
-                code = run.wait(120)
+                # Another writer takes every byte freed (loaders delete what they loaded).
+                stop = threading.Event()
+                filler = threading.Thread(target=keep_full, args=(mount, ballast, stop), daemon=True)
+                filler.start()
+                try:
+                    code = run.wait(120)
+                finally:
+                    stop.set()
+                    filler.join(10)
             finally:
                 run.kill_group()
             if code == 0:  # drained before the disk filled

@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 
 from ingest import db
-from ingest.api import parse_page
+from ingest.api import BadBody, parse_page
 from ingest.loader import load_segment
 from ingest.normalise import MAX_NESTING, deep_call, normalise_page
 from ingest.segments import SegmentStore, SegmentWriter, id_of
@@ -68,6 +68,12 @@ def hostile_page() -> tuple[bytes, dict[str, str], dict[str, str]]:
             plain = json.dumps(base_event(n))
             good[base_event(n)["id"]] = plain
             texts.append(plain)
+    n += 1
+    # An id longer than the primary key's btree can index (random, so it does not compress):
+    # a reject, never a segment that cannot load.
+    long_id = "".join(f"{(n * 7919 + i * 104729) % 65536:04x}" for i in range(1000))
+    bad[long_id] = json.dumps({**base_event(n), "id": long_id})
+    texts.append(bad[long_id])
     n += 1
     good[base_event(n)["id"]] = nested(MAX_NESTING - 1, n)  # the event is one level more
     texts.append(good[base_event(n)["id"]])
@@ -136,7 +142,23 @@ def test_hostile_page_through_parser_normalise_and_copy(conn: Any, data_dir: Pat
     conn.rollback()
     joined = " | ".join(reasons)
     assert "NUL character" in joined and "lone surrogate" in joined and "nested deeper" in joined, joined
+    assert "id longer than" in joined, joined
     assert any("numeric" in r or "overflow" in r or "exceed" in r for r in reasons), joined
+
+
+@pytest.mark.parametrize("depth", [300, 3000, MAX_NESTING * 2])
+def test_deep_pages_parse_without_crashing_the_fetcher(depth: int) -> None:
+    # 300 levels: past what orjson writes; 3000: past Python's default recursion limit.
+    body = ('{"data":[' + nested(depth, 1) + '],"pagination":{"hasMore":false,"nextCursor":null}}').encode()
+    page, _ = parse_page(body, 200)
+    rows = normalise_page(page.events)
+    assert rows.rows == 1 and rows.rejected == (depth + 1 > MAX_NESTING)
+
+
+def test_a_page_too_deep_to_parse_is_a_damaged_body_not_a_crash() -> None:
+    body = ('{"data":[' + nested(200_000, 1) + '],"pagination":{"hasMore":false,"nextCursor":null}}').encode()
+    with pytest.raises(BadBody):
+        parse_page(body, 200)
 
 
 def run_hostile(pg_dsn: str, data_dir: Path, events: int, hostile: int, **env: Any) -> None:

@@ -33,6 +33,7 @@ from tests.reliability.helpers import (
     claims,
     group_pids,
     kill_pids,
+    lock_holders,
     wait_until_gone,
 )
 
@@ -124,7 +125,7 @@ def test_killed_loaders_claims_are_requeued_in_the_same_run(simulator: Any, pg_d
     assert_exact(pg_dsn, simulator.truth())
 
 
-@pytest.mark.sim(events=8000, p_slow=1.0, slow_delay=1.5)
+@pytest.mark.sim(events=6000, p_slow=1.0, slow_delay=1.5)
 def test_orphans_of_a_killed_supervisor_exit_before_the_next_run_starts(
     simulator: Any, pg_dsn: str, data_dir: Path
 ) -> None:
@@ -139,6 +140,9 @@ def test_orphans_of_a_killed_supervisor_exit_before_the_next_run_starts(
     assert orphans, "the run has children"
     os.kill(run.process.pid, signal.SIGKILL)
     run.wait(30)
+    # Those already at work; one still starting up exits as soon as it sees its parent gone.
+    working = [pid for pid in orphans if pid in lock_holders(data_dir / "workers.lock")]
+    assert working, "no orphan was at work"
 
     second = start_run(env, data_dir / "run2.log")
     overlap: list[tuple[int, int]] = []
@@ -147,7 +151,7 @@ def test_orphans_of_a_killed_supervisor_exit_before_the_next_run_starts(
     def watch() -> None:  # both generations working at once would be the bug
         while not stop.is_set():
             new = [p.pid for p in children(second)]
-            old = [pid for pid in orphans if alive(pid)]
+            old = [pid for pid in working if alive(pid)]
             if new and old:
                 overlap.append((new[0], old[0]))
             time.sleep(0.005)
@@ -240,6 +244,29 @@ def find_victims(run: Run, kind: str, data_dir: Path, timeout: float = 60) -> li
             return pids
         time.sleep(0.01)
     return []
+
+
+def _die_updating_the_counters(counters: Any) -> None:
+    counters.add_many({"fetched": 5})
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_child_killed_while_updating_the_counters_does_not_freeze_the_run() -> None:
+    import multiprocessing as mp
+
+    from ingest.stats import SharedCounters
+
+    ctx = mp.get_context("spawn")
+    counters = SharedCounters(ctx)
+    child = ctx.Process(target=_die_updating_the_counters, args=(counters.for_child(),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    reader = threading.Thread(target=counters.snapshot, daemon=True)  # what the supervisor does every tick
+    reader.start()
+    reader.join(2)
+    assert not reader.is_alive(), "the supervisor's progress tick blocks for ever on a dead process's lock"
+    assert counters.snapshot()["fetched"] == 5, "what the dead child counted stays counted"
 
 
 # ---------------------------------------------------------------------------------------
