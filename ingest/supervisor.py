@@ -28,6 +28,7 @@ from ingest.config import Config
 from ingest.cursors import decode_cursor
 from ingest.fetcher import EXIT_FATAL as FETCHER_FATAL
 from ingest.fetcher import fetcher_process
+from ingest.loader import EXIT_FATAL as LOADER_FATAL
 from ingest.loader import loader_process
 from ingest.metrics import MetricsServer, start_metrics_server
 from ingest.normalise import parse_timestamp
@@ -42,6 +43,7 @@ EXIT_FATAL = 1
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TICK_S = 0.2
 DRAIN_GRACE_S = 30.0
+FATAL_EXIT = {"fetcher": FETCHER_FATAL, "loader": LOADER_FATAL}  # exit codes that no restart can help
 PROBE_LIMIT = 1000  # events in the planning probe: enough for a density estimate, quick to serve
 ORPHAN_GRACE_S = 30.0  # on top of the request timeout: how long orphans of a killed run may take to exit
 
@@ -197,8 +199,8 @@ class Supervisor:
             if code == 0 and (child.kind == "fetcher" or self.fetch_done.is_set()):
                 continue
             self._drain_errors()
-            if child.kind == "fetcher" and code == FETCHER_FATAL:
-                self._fail(self.last_error or f"fetcher {child.key} failed")
+            if code == FATAL_EXIT[child.kind]:
+                self._fail(self.last_error or f"{child.kind} {child.key} failed")
                 continue
             if self.signals or self.failure:
                 continue

@@ -312,7 +312,7 @@ def test_events_headers_drive_the_pace(config: Config, clock: FakeTime, mocked: 
     client.fetch_page("events", None)
     assert clock.waits == [7.5]
     client.fetch_page("events", None)
-    assert clock.waits == [7.5, 2.0]
+    assert clock.waits == [7.5, 1.6]  # 4 left + the reset: 8 s / 5 from the request's start
 
 
 # -- stream token -----------------------------------------------------------------------------

