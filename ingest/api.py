@@ -286,8 +286,9 @@ class TransportRetry(Retry):
         return min(float(self.retry_after_max), seconds or 0.0)
 
 
-def make_session() -> requests.Session:
-    """One keep-alive session per process: gzip, transport retries, a pool for one fetcher
+def make_session(gzip: bool = True) -> requests.Session:
+    """One keep-alive session per process: gzip (unless the link is so fast that
+    compressing costs more than it saves), transport retries, a pool for one fetcher
     (its page requests plus the occasional stream-access call)."""
     retry = TransportRetry(
         total=TRANSPORT_RETRIES + 1,
@@ -306,7 +307,7 @@ def make_session() -> requests.Session:
     session = requests.Session()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.headers.update({"Accept-Encoding": "gzip", "Accept": "application/json"})
+    session.headers.update({"Accept-Encoding": "gzip" if gzip else "identity", "Accept": "application/json"})
     return session
 
 
@@ -326,7 +327,7 @@ class ApiClient:
         `sleep_until_or_stop(deadline)` sleeps until that clock reaches `deadline` and returns
         True, early, if a shutdown was requested."""
         self.config = config
-        self.session = make_session()
+        self.session = make_session(config.gzip)
         self._limiters = {"feed": feed_limiter, "events": events_limiter}
         self._should_stop = should_stop
         self._clock = clock

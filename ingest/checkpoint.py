@@ -50,6 +50,7 @@ class Checkpoint:
     source: str  # the source mode the plan was made for: feed, events or mixed
     total: int | None  # meta.total reported by the API
     newest_ms: int | None
+    oldest_ms: int | None = None  # the plan's estimate of the oldest event (splits use it)
     partitions: list[PartitionState] = field(default_factory=list)
     version: int = FORMAT_VERSION
     updated_at: float = 0.0

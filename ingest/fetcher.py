@@ -28,6 +28,7 @@ from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
 from ingest.logs import configure_logging
 from ingest.normalise import normalise_page
 from ingest.pacing import SharedRateLimiter
+from ingest.plan import choose_split, min_split_span
 from ingest.segments import SegmentStore, SegmentWriter
 from ingest.stats import ClientStatsPublisher, SharedCounters
 
@@ -102,6 +103,39 @@ def skip_sequence(state_path: Path, part: PartitionState) -> PartitionState:
     return checkpoint.update_partition(state_path, part.index, skip).partitions[part.index]
 
 
+def steal(state_path: Path, source: str, page_limit: int) -> PartitionState | None:
+    """Take the lower half of the slowest unfinished partition of `source` as a new
+    partition (same lane, its own checkpoint entry). Correct whatever the victim is doing:
+    it reads its new lower bound after each page, and what it fetched below the cut
+    before noticing is fetched again here, absorbed by the primary key."""
+    with checkpoint.locked(state_path):
+        state = checkpoint.read(state_path)
+        if state is None:
+            return None
+        choice = choose_split(
+            state.partitions, source, min_split_span(state.partitions, page_limit), state.oldest_ms or 0
+        )
+        if choice is None:
+            return None
+        index, cut = choice
+        victim = state.partitions[index]
+        taken = PartitionState(index=len(state.partitions), source=source, lower_ms=victim.lower_ms, upper_ms=cut)
+        victim.lower_ms = cut
+        state.partitions.append(taken)
+        checkpoint.write(state_path, state)
+    logger.info("took [{}, {}) over from partition {}", taken.lower_ms, taken.upper_ms, index)
+    return taken
+
+
+def current_lower(state_path: Path, part: PartitionState) -> int:
+    """The partition's lower bound as the checkpoint has it now (a thief may have raised it)."""
+    try:
+        state = checkpoint.read(state_path)
+    except checkpoint.CheckpointError:
+        return part.lower_ms
+    return state.partitions[part.index].lower_ms if state else part.lower_ms
+
+
 def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
     """Walk `part` until drained (True) or stopped (False). Raises ApiError on failure."""
     config = ctx.config
@@ -153,6 +187,10 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             unsealed_rows += rows.rows
             unsealed_pages += 1
             ctx.on_page(rows.rows)
+            lower = current_lower(config.state_path, part)
+            if lower != part.lower_ms:  # split by another fetcher: stop at the new bound
+                part.lower_ms = lower
+                since, until = request_window(part)
             if partition_finished(page, part.lower_ms):
                 commit(done=True)
                 return True
@@ -213,8 +251,14 @@ def fetcher_process(
     ctx = FetchContext(config, generation, client, SegmentStore(config.segments_dir), should_stop, wait, on_page)
     code = EXIT_DRAINED
     try:
-        drained = fetch_partition(ctx, part)
+        # A restarted fetcher may find its own partition done: it goes straight to helping.
+        drained = part.done or fetch_partition(ctx, part)
         logger.info("partition {} {}", index, "drained" if drained else "stopped")
+        while drained and not should_stop():
+            taken = steal(config.state_path, part.source, config.page_limit)
+            if taken is None:
+                break
+            drained = fetch_partition(ctx, taken)
     except FatalApiError as exc:
         errors.put(f"partition {index}: {exc}")
         code = EXIT_FATAL

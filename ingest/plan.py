@@ -11,10 +11,12 @@ lane gives them, so all partitions finish at about the same time.
 from __future__ import annotations
 
 from ingest.checkpoint import PartitionState
+from ingest.cursors import decode_cursor
 
 # A page takes about as long as the pause the budgets allow between two requests, so one
 # sequential walker per lane would leave the budget idle while it waits for its page: these
 # defaults keep about two requests in flight per lane's worth of budget.
+NEVER = 2**62  # a span no partition has
 DEFAULT_FEED_PARTITIONS = 6
 DEFAULT_EVENTS_PARTITIONS = 2
 
@@ -59,3 +61,45 @@ def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[str, float]]) ->
         parts.append(PartitionState(index=index, source=source, lower_ms=bottom, upper_ms=top))
         top = bottom
     return parts
+
+
+def walked_to(part: PartitionState) -> int:
+    """The time a partition's walk has come down to (its committed cursor), else its top."""
+    if part.cursor:
+        try:
+            return int(decode_cursor(part.cursor)["ts"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return part.upper_ms
+
+
+def choose_split(
+    parts: list[PartitionState], source: str, min_span_ms: int, oldest_ms: int = 0
+) -> tuple[int, int] | None:
+    """Work stealing: the unfinished partition of `source` with the most time left to walk,
+    and the time to cut it at (its lower half goes to the fetcher that asks). Time below
+    the oldest event holds nothing, so a bound under `oldest_ms` counts from there. None
+    when no partition has at least `min_span_ms` left: too short to be worth a split."""
+    best: tuple[int, int, int] | None = None  # (index, span left, effective lower bound)
+    for part in parts:
+        if part.done or part.source != source:
+            continue
+        lower = max(part.lower_ms, oldest_ms)
+        span = walked_to(part) - lower
+        if span >= max(2, min_span_ms) and (best is None or span > best[1]):
+            best = (part.index, span, lower)
+    if best is None:
+        return None
+    index, span, lower = best
+    return index, lower + span // 2
+
+
+def min_split_span(parts: list[PartitionState], page_limit: int) -> int:
+    """Splitting pays only for a remainder of a few pages: two pages' worth of time at the
+    event density measured so far by the unfinished walks (nothing measured yet: never)."""
+    walking = [p for p in parts if not p.done]
+    walked_ms = sum(max(0, p.upper_ms - walked_to(p)) for p in walking)
+    rows = sum(p.rows for p in walking)
+    if rows <= 0 or walked_ms <= 0:
+        return NEVER
+    return max(1, int(2 * page_limit * walked_ms / rows))

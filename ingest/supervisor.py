@@ -120,7 +120,7 @@ def make_plan(config: Config, client: ApiClient) -> Checkpoint:
         page_oldest = int(decode_cursor(probe.next_cursor)["ts"])
     oldest = estimate_oldest(newest, page_oldest, len(probe.events), probe.total)
     lanes = choose_lanes(mode, config.partitions, config.feed_rate, config.events_rate)
-    plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest)
+    plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest, oldest_ms=oldest)
     plan.partitions = split_range(oldest, newest + 1, lanes)
     logger.info(
         "plan: {} partitions over {} .. {} ({} events reported)",
@@ -160,6 +160,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.failure: str | None = None
         self.last_error: str | None = None
+        self.cover_rounds = 0
         self.run_lock: BinaryIO | None = None
         self.summary: dict[str, Any] = {}
 
@@ -226,6 +227,20 @@ class Supervisor:
             self.failure = message
             logger.error("run failed: {}", message)
         self.stop_fetch.set()
+        self.fetch_done.set()
+
+    def _cover_or_finish_fetching(self) -> None:
+        """Every fetcher has exited. A partition can still be unfinished without one (its
+        walker was restarted onto another partition after a split): start fetchers for
+        those, a bounded number of times; otherwise fetching is done."""
+        state = checkpoint.read(self.config.state_path)
+        undone = [p.index for p in state.partitions if not p.done] if state else []
+        if undone and not self.signals and not self.failure and self.cover_rounds < self.config.max_restarts:
+            self.cover_rounds += 1
+            logger.warning("partitions {} have no fetcher; starting them again", undone)
+            for index in undone:
+                self._start("fetcher", index)
+            return
         self.fetch_done.set()
 
     def _kill_all(self) -> None:
@@ -296,7 +311,7 @@ class Supervisor:
             while self.children:
                 self._reap()
                 if not any(c.kind == "fetcher" for c in self.children) and not self.fetch_done.is_set():
-                    self.fetch_done.set()
+                    self._cover_or_finish_fetching()
                 if len(self.signals) >= 2:
                     logger.warning("second signal: stopping now")
                     self._kill_all()

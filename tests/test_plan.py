@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
-from ingest.plan import choose_lanes, estimate_oldest, split_range
+from ingest.plan import NEVER, choose_lanes, choose_split, estimate_oldest, min_split_span, split_range
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,52 @@ def test_split_range_sizes_follow_weights() -> None:
     parts = split_range(0, 100_000, [("feed", 3.0), ("events", 1.0)])
     assert parts[0].upper_ms - parts[0].lower_ms == 75_000
     assert parts[1].upper_ms - parts[1].lower_ms == 25_000
+
+
+def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = False, at: int | None = None) -> Any:
+    from ingest.checkpoint import PartitionState
+    from ingest.cursors import encode_cursor
+
+    cursor = encode_cursor("ffffffff-ffff-ffff-ffff-ffffffffffff", at, 1) if at is not None else None
+    return PartitionState(index=index, source=source, lower_ms=lower, upper_ms=upper, cursor=cursor, done=done)
+
+
+@pytest.mark.parametrize(
+    "parts, source, min_span, expected",
+    [
+        # the one with the most time left (by its cursor) is split in the middle of what is left
+        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], "feed", 10, (1, 45)),
+        ([part(0, 100, 200), part(1, 0, 100, at=20)], "feed", 10, (0, 150)),
+        # done partitions and other lanes are never split
+        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events")], "feed", 10, None),
+        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], "events", 10, (1, 30)),
+        # too little left to be worth a split
+        ([part(0, 100, 200, at=105)], "feed", 10, None),
+        ([], "feed", 10, None),
+    ],
+)
+def test_choose_split(parts: list[Any], source: str, min_span: int, expected: tuple[int, int] | None) -> None:
+    assert choose_split(parts, source, min_span) == expected
+
+
+def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
+    parts = [part(0, 0, 1000, at=900)]
+    assert choose_split(parts, "feed", 10, oldest_ms=700) == (0, 800)
+    assert choose_split(parts, "feed", 10) == (0, 450)
+
+
+@pytest.mark.parametrize(
+    "walks, page, expected",
+    [
+        ([(1000, 900, 10, False)], 10, 200),  # 100 ms walked for 10 rows: 2 pages of 10 = 200 ms
+        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 200),  # finished walks do not count
+        ([(1000, None, 0, False)], 10, NEVER),  # nothing measured yet
+    ],
+)
+def test_min_split_span(walks: list[tuple[int, int | None, int, bool]], page: int, expected: int) -> None:
+    parts = []
+    for i, (upper, at, rows, done) in enumerate(walks):
+        p = part(i, 0, upper, done=done, at=at)
+        p.rows = rows
+        parts.append(p)
+    assert min_split_span(parts, page) == expected

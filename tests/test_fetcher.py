@@ -1,0 +1,111 @@
+"""The fetcher against the simulator over HTTP: partition walks, the checkpoint after seals,
+and work stealing, each checked by loading what was sealed into a real PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest import checkpoint, db
+from ingest.api import ApiClient
+from ingest.checkpoint import Checkpoint, PartitionState
+from ingest.config import Config
+from ingest.fetcher import FetchContext, current_lower, fetch_partition, steal
+from ingest.loader import load_ready
+from ingest.pacing import SharedRateLimiter
+from ingest.segments import SegmentStore
+from ingest.simulator import SimulatorConfig, start_simulator
+from tests.e2e import assert_exact
+
+NEWEST = 1769541612369
+OLDEST = 1766946793000
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Any]:
+    simulator = start_simulator(SimulatorConfig(events=12_000, latency="none", rate_limits=False, chaos="none"))
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+def setup(sim: Any, data_dir: Path, parts: list[PartitionState]) -> tuple[Config, FetchContext]:
+    config = Config(
+        api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, page_limit=1000, segment_max_rows=2500,
+        rate_window=0.01, log_format="text",
+    )
+    plan = Checkpoint(
+        generation="0badcafe", source="feed", total=12_000, newest_ms=NEWEST, oldest_ms=OLDEST, partitions=parts
+    )
+    checkpoint.write(config.state_path, plan)
+    ctx = mp.get_context("spawn")
+    client = ApiClient(config, SharedRateLimiter(1000, 0.01, ctx=ctx), SharedRateLimiter(1000, 0.01, ctx=ctx))
+    store = SegmentStore(config.segments_dir)
+    store.ensure()
+    fetch = FetchContext(config, "0badcafe", client, store, lambda: False, lambda seconds: False)
+    return config, fetch
+
+
+def load_all(config: Config, dsn: str) -> None:
+    conn = db.connect(dsn)
+    db.ensure_schema(conn, config.table)
+    conn.close()
+    load_ready(config, dsn, workers=2)
+
+
+@pytest.mark.parametrize("source", ["feed", "events"])
+def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, source: str) -> None:
+    middle = 1768000000000
+    parts = [
+        PartitionState(index=0, source=source, lower_ms=middle, upper_ms=NEWEST + 1),
+        PartitionState(index=1, source=source, lower_ms=0, upper_ms=middle),
+    ]
+    config, fetch = setup(sim, data_dir, parts)
+    assert fetch_partition(fetch, parts[0]) and fetch_partition(fetch, parts[1])
+    state = checkpoint.read(config.state_path)
+    assert state is not None and state.drained
+    assert [p.last_sealed is not None for p in state.partitions] == [True, True]
+    load_all(config, pg_dsn)
+    assert_exact(pg_dsn, sim.truth())
+
+
+def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_cut(
+    sim: Any, data_dir: Path, pg_dsn: str
+) -> None:
+    victim = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1)
+    config, fetch = setup(sim, data_dir, [victim])
+    stolen: list[PartitionState] = []
+
+    def steal_after_the_first_seal(rows: int) -> None:
+        state = checkpoint.read(config.state_path)
+        if not stolen and state is not None and state.partitions[0].cursor:
+            taken = steal(config.state_path, "feed", page_limit=1000)
+            assert taken is not None
+            stolen.append(taken)
+
+    fetch.on_page = steal_after_the_first_seal
+    assert fetch_partition(fetch, victim)
+    assert stolen, "the victim committed a cursor, so a split was possible"
+    taken = stolen[0]
+    assert (taken.index, taken.lower_ms) == (1, 0)
+    assert current_lower(config.state_path, victim) == taken.upper_ms
+    fetch.on_page = lambda rows: None
+    assert fetch_partition(fetch, taken)
+    state = checkpoint.read(config.state_path)
+    assert state is not None and state.drained and len(state.partitions) == 2
+    victim_rows, thief_rows = (p.rows for p in state.partitions)
+    assert victim_rows < 12_000 and thief_rows > 0, "the victim stopped at the cut; the thief walked the rest"
+    load_all(config, pg_dsn)
+    assert_exact(pg_dsn, sim.truth())
+
+
+def test_nothing_worth_stealing(sim: Any, data_dir: Path) -> None:
+    config, _ = setup(sim, data_dir, [PartitionState(index=0, source="feed", lower_ms=0, upper_ms=10, done=True)])
+    assert steal(config.state_path, "feed", page_limit=1000) is None
+    state = checkpoint.read(config.state_path)
+    assert state is not None and len(state.partitions) == 1
