@@ -159,15 +159,14 @@ def try_lock(path: Path, exclusive: bool, wait: bool = False) -> BinaryIO | None
     return fh
 
 
-_worker_lock: BinaryIO | None = None
-
-
 def hold_worker_lock(data_dir: Path) -> None:
     """Called first thing by a fetcher or loader process: holds `workers.lock` (shared)
-    until the process is gone, so the lock can never be released while it still works."""
-    global _worker_lock
+    until the process is gone, so the lock can never be released while it still works.
+    A bare descriptor, never closed: a Python file object would be closed (and the lock
+    released) while the interpreter is still finalising, with the process still alive."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    _worker_lock = try_lock(data_dir / WORKERS_LOCK, exclusive=False, wait=True)
+    fd = os.open(data_dir / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def update_partition(path: Path, index: int, change: Callable[[PartitionState], None]) -> Checkpoint:
