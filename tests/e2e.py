@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import psycopg2
 from ingest import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAM = [sys.executable, str(REPO / "bin" / "datasync-ingest")]
+PROGRAM = [str(REPO / "bin" / "datasync-ingest")]
 
 
 def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
