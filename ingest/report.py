@@ -100,6 +100,20 @@ def crawl_source_ids(config: Config, sink: io.BufferedIOBase | Any) -> dict[str,
         client.close()
 
 
+MISSING_IDS = sql.SQL(
+    "SELECT DISTINCT s.id FROM verify_source s WHERE NOT EXISTS (SELECT 1 FROM {} e WHERE e.id = s.id)"
+)
+EXTRA_IDS = sql.SQL("SELECT e.id FROM {} e WHERE NOT EXISTS (SELECT 1 FROM verify_source s WHERE s.id = e.id)")
+
+
+def count_and_sample(cur: Any, ids_query: sql.Composed, sample: int) -> tuple[int, list[str]]:
+    """How many ids a query finds, and the first `sample` of them."""
+    cur.execute(sql.SQL("SELECT count(*) FROM ({}) q").format(ids_query))
+    (count,) = cur.fetchone()
+    cur.execute(ids_query + sql.SQL(" ORDER BY 1 LIMIT %s"), (sample,))
+    return int(count), [row[0] for row in cur.fetchall()]
+
+
 def run_verify(config: Config, sample: int) -> dict[str, Any]:
     """Compare the source with the table: counts, missing and extra ids."""
     ids = io.BytesIO()
@@ -119,20 +133,8 @@ def run_verify(config: Config, sample: int) -> dict[str, Any]:
                 (source_ids,) = cur.fetchone()
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
                 (table_rows,) = cur.fetchone()
-                missing_q = sql.SQL(
-                    "SELECT DISTINCT s.id FROM verify_source s WHERE NOT EXISTS (SELECT 1 FROM {} e WHERE e.id = s.id)"
-                ).format(table)
-                cur.execute(sql.SQL("SELECT count(*) FROM ({}) m").format(missing_q))
-                (missing,) = cur.fetchone()
-                cur.execute(missing_q + sql.SQL(" ORDER BY 1 LIMIT %s"), (sample,))
-                missing_ids = [r[0] for r in cur.fetchall()]
-                extra_q = sql.SQL(
-                    "SELECT e.id FROM {} e WHERE NOT EXISTS (SELECT 1 FROM verify_source s WHERE s.id = e.id)"
-                ).format(table)
-                cur.execute(sql.SQL("SELECT count(*) FROM ({}) x").format(extra_q))
-                (extra,) = cur.fetchone()
-                cur.execute(extra_q + sql.SQL(" ORDER BY 1 LIMIT %s"), (sample,))
-                extra_ids = [r[0] for r in cur.fetchall()]
+                missing, missing_ids = count_and_sample(cur, MISSING_IDS.format(table), sample)
+                extra, extra_ids = count_and_sample(cur, EXTRA_IDS.format(table), sample)
                 cur.execute("SELECT count(*) FROM ingest_rejects")
                 (rejects,) = cur.fetchone()
             conn.rollback()

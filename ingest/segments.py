@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from ingest.checkpoint import fsync_dir
+
 STATES = ("open", "ready", "loading", "loaded", "rejected")
 SUFFIX = ".tsv"
 LINES_SUFFIX = ".lines.tsv"  # rejected/<id>.lines.tsv: single lines COPY refused (operators' copy)
@@ -31,14 +33,6 @@ def segment_id(partition: int, seq: int, generation: str) -> str:
 def id_of(path: Path) -> str:
     """The segment id of any file in the store (`<id>.tsv`, `<id>.<pid>.tsv`, `<id>.reason`)."""
     return path.name.split(".", 1)[0]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -103,3 +104,20 @@ def sim_factory():
 def clean_simulator(sim_factory):
     """20,000 events, clean and unthrottled: for client tests that need a plain, fast source."""
     return sim_factory(events=20_000, seed=1)
+
+
+@pytest.fixture
+def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A clean, unthrottled simulator for end-to-end tests. The test module's SIM_DEFAULTS,
+    then the test's `sim` marker (SimulatorConfig keyword arguments), change it."""
+    from ingest.simulator import SimulatorConfig, start_simulator
+
+    options: dict[str, Any] = {"events": 20_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 3}
+    options.update(getattr(request.module, "SIM_DEFAULTS", {}))
+    marker = request.node.get_closest_marker("sim")
+    options.update(marker.kwargs if marker else {})
+    sim = start_simulator(SimulatorConfig(**options))
+    try:
+        yield sim
+    finally:
+        sim.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import requests
 
 from ingest import checkpoint
 from ingest.cursors import decode_cursor
-from ingest.simulator import SimulatorConfig, start_simulator
 from tests.e2e import (
     assert_exact,
     assert_no_secrets,
@@ -28,19 +26,6 @@ from tests.e2e import (
     start_run,
     wait_for,
 )
-
-
-@pytest.fixture
-def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A simulator configured by the test's `sim` marker keyword arguments."""
-    marker = request.node.get_closest_marker("sim")
-    options: dict[str, Any] = {"events": 20_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 3}
-    options.update(marker.kwargs if marker else {})
-    sim = start_simulator(SimulatorConfig(**options))
-    try:
-        yield sim
-    finally:
-        sim.stop()
 
 
 def crawl(sim: Any) -> dict[str, Any]:

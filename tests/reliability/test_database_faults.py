@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 
 from ingest import db
 from ingest.db import dsn_for_database
-from ingest.simulator import SimulatorConfig, start_simulator
 from tests.e2e import Run, assert_exact, ingest_env, loaded_segments, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     assert_checkpoint_intact,
@@ -30,22 +28,21 @@ from tests.reliability.helpers import (
     terminate_loader_backends,
 )
 
-
-@pytest.fixture
-def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
-    marker = request.node.get_closest_marker("sim")
-    options: dict[str, Any] = {"events": 30_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 9}
-    options.update(marker.kwargs if marker else {})
-    sim = start_simulator(SimulatorConfig(**options))
-    try:
-        yield sim
-    finally:
-        sim.stop()
+SIM_DEFAULTS = {"events": 30_000, "seed": 9}  # for the `simulator` fixture (conftest)
 
 
 def fault_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
     values: dict[str, Any] = {"INGEST_PAGE_LIMIT": 1000, "INGEST_SEGMENT_ROWS": 1000, "INGEST_PARTITIONS": 2, **extra}
     return ingest_env(sim, dsn, data_dir, **values)
+
+
+def create_database(server_dsn: str, name: str) -> str:
+    admin = psycopg2.connect(server_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    return dsn_for_database(server_dsn, name)
 
 
 def ended(run: Run) -> bool:
@@ -138,12 +135,7 @@ def test_a_statement_timeout_on_the_database_does_not_stop_loading(
 
 def restarts_during_a_run(sim: Any, data_dir: Path, modes: list[str]) -> dict[str, int]:
     with own_postgres() as server:
-        admin = psycopg2.connect(server.dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("CREATE DATABASE ingest")
-        admin.close()
-        dsn = dsn_for_database(server.dsn, "ingest")
+        dsn = create_database(server.dsn, "ingest")
         env = fault_env(sim, dsn, data_dir)
         run = start_run(env, data_dir / "run.log")
         done = 0
@@ -309,12 +301,7 @@ def test_a_read_only_database_at_start_exits_1_with_one_line(
 
 def test_a_database_that_stays_down_fails_the_run_instead_of_hanging(simulator: Any, data_dir: Path) -> None:
     with own_postgres() as server:
-        admin = psycopg2.connect(server.dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("CREATE DATABASE ingest")
-        admin.close()
-        dsn = dsn_for_database(server.dsn, "ingest")
+        dsn = create_database(server.dsn, "ingest")
         env = fault_env(simulator, dsn, data_dir, INGEST_DB_OUTAGE_LIMIT=2)
         run = start_run(env, data_dir / "run.log")
         try:

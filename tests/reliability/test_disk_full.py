@@ -17,7 +17,6 @@ import pytest
 
 from ingest import checkpoint
 from ingest.checkpoint import Checkpoint, PartitionState
-from ingest.simulator import SimulatorConfig, start_simulator
 from tests.e2e import Run, assert_exact, fetched_rows, ingest_env, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     assert_checkpoint_intact,
@@ -29,16 +28,7 @@ from tests.reliability.helpers import (
 pytestmark = pytest.mark.skipif(not can_mount(), reason="needs root to mount a small tmpfs")
 
 
-@pytest.fixture
-def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
-    marker = request.node.get_closest_marker("sim")
-    options: dict[str, Any] = {"events": 30_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 13}
-    options.update(marker.kwargs if marker else {})
-    sim = start_simulator(SimulatorConfig(**options))
-    try:
-        yield sim
-    finally:
-        sim.stop()
+SIM_DEFAULTS = {"events": 30_000, "seed": 13}  # for the `simulator` fixture (conftest)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
 from ingest.fetcher import FetchContext, fetch_partition
 from ingest.segments import SegmentStore, SegmentWriter, id_of
-from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.simulator import SimulatorConfig
 from tests.e2e import Run, assert_exact, fetched_rows, ingest_env, loaded_segments, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     alive,
@@ -40,16 +39,7 @@ from tests.reliability.helpers import (
 ORPHAN_EXIT_S = 30.0  # orphans finish their page or segment, then exit
 
 
-@pytest.fixture
-def simulator(request: pytest.FixtureRequest) -> Iterator[Any]:
-    marker = request.node.get_closest_marker("sim")
-    options: dict[str, Any] = {"events": 30_000, "latency": "none", "rate_limits": False, "chaos": "none", "seed": 5}
-    options.update(marker.kwargs if marker else {})
-    sim = start_simulator(SimulatorConfig(**options))
-    try:
-        yield sim
-    finally:
-        sim.stop()
+SIM_DEFAULTS = {"events": 30_000, "seed": 5}  # for the `simulator` fixture (conftest)
 
 
 def kill_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
