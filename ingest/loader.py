@@ -110,6 +110,38 @@ def _copy(cur: psycopg2.extensions.cursor, source: BinaryIO) -> None:
     cur.copy_expert(COPY_STAGING, source, size=READ_SIZE)
 
 
+# Every event row ends so (no reject reason, no raw text); a raw tab only separates fields.
+EVENT_LINE_END = b"\t\\N\t\\N\n"
+COPY_DIRECT = sql.SQL(
+    "COPY {table} (id, occurred_at, type, name, user_id, session_id, payload, ingested_at) FROM STDIN"
+)
+
+
+def direct_rows(data: bytes, ingested_at: bytes) -> bytes | None:
+    """The fast path's input: the segment as rows of the events table itself (its event
+    columns, then `ingested_at`), or None when any line is a reject row. Two counts and one
+    replace over the buffer, all in C: no per-row Python."""
+    lines = data.count(b"\n")
+    if not lines or not data.endswith(b"\n") or data.count(EVENT_LINE_END) != lines:
+        return None
+    return data.replace(EVENT_LINE_END, b"\t" + ingested_at + b"\n")
+
+
+def _copy_direct(cur: psycopg2.extensions.cursor, table: str, data: bytes) -> int | None:
+    """COPY straight into the events table, inside a savepoint. None (savepoint rolled
+    back) when an id is already there or a line is refused: the staging path, which absorbs
+    duplicates and isolates bad lines, then takes over in the same transaction."""
+    cur.execute("SAVEPOINT direct")
+    try:
+        cur.copy_expert(COPY_DIRECT.format(table=sql.Identifier(table)).as_string(cur), io.BytesIO(data), size=READ_SIZE)
+    except (psycopg2.IntegrityError, psycopg2.DataError):
+        cur.execute("ROLLBACK TO SAVEPOINT direct")
+        return None
+    loaded = cur.rowcount
+    cur.execute("RELEASE SAVEPOINT direct")
+    return int(loaded)
+
+
 def _transaction(
     conn: psycopg2.extensions.connection, path: Path, segment_id: str, table: str, source: BinaryIO | None
 ) -> LoadResult | psycopg2.DataError:
@@ -117,25 +149,32 @@ def _transaction(
     returned (after rollback) for the caller to cut the line out; anything else raises."""
     size = path.stat().st_size
     with conn.cursor() as cur:
-        cur.execute("INSERT INTO ingest_segments (segment_id) VALUES (%s) ON CONFLICT DO NOTHING", (segment_id,))
-        if cur.rowcount == 0:
+        cur.execute(
+            "INSERT INTO ingest_segments (segment_id) VALUES (%s) ON CONFLICT DO NOTHING RETURNING now()::text",
+            (segment_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
             conn.rollback()
             return LoadResult(segment_id, 0, 0, 0, 0, size, skipped=True)
-        cur.execute(STAGING_DDL)
-        try:
-            if source is None:
-                with open(path, "rb") as f:
-                    _copy(cur, f)
-            else:
-                _copy(cur, source)
-        except psycopg2.DataError as exc:
-            conn.rollback()
-            return exc
-        rows = cur.rowcount
-        cur.execute(INSERT_EVENTS.format(table=sql.Identifier(table)))
-        inserted = cur.rowcount
-        cur.execute(INSERT_REJECTS, {"segment": segment_id})
-        rejected = cur.rowcount
+        data = path.read_bytes() if source is None else None
+        direct = direct_rows(data, row[0].encode()) if data is not None else None
+        loaded = _copy_direct(cur, table, direct) if direct is not None else None
+        if loaded is not None:
+            rows = inserted = loaded
+            rejected = 0
+        else:
+            cur.execute(STAGING_DDL)
+            try:
+                _copy(cur, source if source is not None else io.BytesIO(data or b""))
+            except psycopg2.DataError as exc:
+                conn.rollback()
+                return exc
+            rows = cur.rowcount
+            cur.execute(INSERT_EVENTS.format(table=sql.Identifier(table)))
+            inserted = cur.rowcount
+            cur.execute(INSERT_REJECTS, {"segment": segment_id})
+            rejected = cur.rowcount
         duplicates = rows - inserted - rejected
         cur.execute(
             "UPDATE ingest_segments SET rows = %s, inserted = %s, duplicates = %s, rejected = %s, bytes = %s,"

@@ -182,6 +182,64 @@ def test_overlapping_segments_count_duplicates(store: SegmentStore, conn: psycop
 
 
 
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"a\tb\t\\N\t\\N\nc\td\t\\N\t\\N\n", b"a\tb\tNOW\nc\td\tNOW\n"),
+        (b"a\tb\t\\N\t\\N\n\\N\t\\N\tmissing id\t{}\n", None),  # a reject row: staging
+        (b"a\tb\t\\N\t\\N", None),  # no final newline: not a sealed segment's shape
+        (b"", None),
+    ],
+)
+def test_direct_rows(data: bytes, expected: bytes | None) -> None:
+    assert loader_module.direct_rows(data, b"NOW") == expected
+
+
+def spy_direct(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """Record what each fast-path attempt returned (None: it fell back to staging)."""
+    outcomes: list[int | None] = []
+    real = loader_module._copy_direct
+
+    def spy(*args: Any) -> int | None:
+        outcomes.append(real(*args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(loader_module, "_copy_direct", spy)
+    return outcomes
+
+
+def test_clean_segment_takes_the_direct_path(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = spy_direct(monkeypatch)
+    path = seal(store, 1, [api_event(n) for n in range(700)])
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert outcomes == [700]
+    assert (result.rows, result.inserted, result.duplicates, result.rejected) == (700, 700, 0, 0)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(700)})
+    ev = api_event(3)
+    same, stamped = query(
+        conn,
+        f"SELECT payload = %s::jsonb, ingested_at = (SELECT loaded_at FROM ingest_segments) FROM {TABLE} WHERE id = %s",
+        (orjson.dumps(ev).decode(), ev["id"]),
+    )[0]
+    assert same and stamped, "payload as sent; ingested_at is the loading transaction's time"
+
+
+def test_a_colliding_id_falls_back_to_staging_in_the_same_transaction(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = spy_direct(monkeypatch)
+    a = seal(store, 1, [api_event(n) for n in range(300)])
+    b = seal(store, 2, [api_event(n) for n in range(299, 600)])  # one id already loaded
+    load_segment(conn, a, id_of(a), TABLE)
+    result = load_segment(conn, b, id_of(b), TABLE)
+    assert outcomes == [300, None]
+    assert (result.rows, result.inserted, result.duplicates) == (301, 300, 1)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(600)})
+    assert ledger(conn)[id_of(b)][:3] == (301, 300, 1)
+
+
 def bad_line(kind: str, n: int) -> bytes:
     """A line written straight into the TSV that COPY (or the table) refuses."""
     ev = api_event(n)
