@@ -68,6 +68,12 @@ TOKEN_BACKOFF_S = 10.0  # x attempt, when stream-access gives no Retry-After
 RETRY_BASE_S, RETRY_CAP_S = 1.0, 30.0  # backoff for transient faults (x time unit)
 RATE_LIMITED_BASE_S, RATE_LIMITED_CAP_S = 10.0, 30.0  # silent 429: 10, 20, 30 s (x time unit)
 MAX_RATE_LIMITED = 50  # 429s within one fetch_page before giving up: a safety net only
+
+
+def repeated_429_floor(consecutive: int) -> float:
+    """The least wait after the n-th 429 in a row, whatever Retry-After says: none for the
+    first, then 0.5 s doubling to RATE_LIMITED_CAP_S (before the time unit)."""
+    return 0.0 if consecutive <= 1 else min(RATE_LIMITED_CAP_S, 0.5 * 2 ** (consecutive - 2))
 # A server-dictated wait (Retry-After, X-RateLimit-Reset) longer than this many rate windows
 # is cut to it: every budget of the API refills within one window, so a longer value is a
 # server bug or a misread epoch, and honouring it would stall the run for hours.
@@ -612,6 +618,9 @@ class ApiClient:
                 told = self._bounded(retry_after_seconds(outcome.headers, outcome.body, self._clock()))
                 fallback = min(RATE_LIMITED_CAP_S, RATE_LIMITED_BASE_S * rate_limited) * self.time_unit
                 delay = told if told is not None else backoff(1, fallback, RATE_LIMITED_CAP_S * self.time_unit, 0.1)
+                # A Retry-After the server keeps contradicting (0, or too short to help) is a
+                # floor, not a promise: repeated 429s back off all the same.
+                delay = max(delay, repeated_429_floor(rate_limited) * self.time_unit)
                 self._log_retry(path, outcome, rate_limited, None, delay, "rate limited")
                 if limiter is not None:
                     limiter.penalise(delay)  # the next acquire waits, for every process

@@ -597,3 +597,18 @@ def test_default_sleep_is_interruptible(config: Config, mocked: responses.Reques
     with pytest.raises(Stopped):
         client.fetch_page("events", None)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("consecutive", "floor"), [(1, 0.0), (2, 0.5), (3, 1.0), (5, 4.0), (9, 30.0), (40, 30.0)])
+def test_repeated_429s_back_off_whatever_retry_after_says(consecutive: int, floor: float) -> None:
+    assert api.repeated_429_floor(consecutive) == floor
+
+
+def test_a_storm_of_retry_after_zero_still_backs_off(
+    client: ApiClient, mocked: responses.RequestsMock, clock: FakeTime
+) -> None:
+    for _ in range(3):
+        mocked.get(EVENTS, json=error_body(429, "RATE_LIMIT_EXCEEDED"), status=429, headers={"Retry-After": "0"})
+    mocked.get(EVENTS, json=page_body(2))
+    client.fetch_page("events", None)
+    assert clock.waits == [0.0, 0.5, 1.0]
