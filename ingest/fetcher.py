@@ -104,17 +104,17 @@ def skip_sequence(state_path: Path, part: PartitionState) -> PartitionState:
 
 
 def steal(state_path: Path, source: str, page_limit: int) -> PartitionState | None:
-    """Take the lower half of the slowest unfinished partition of `source` as a new
-    partition (same lane, its own checkpoint entry). Correct whatever the victim is doing:
+    """Take the lower half of the slowest unfinished partition as a new partition walked
+    on this fetcher's lane, `source` (its own checkpoint entry). An estimate of the time
+    range that was off, or a lane slower than planned, so never leaves a fetcher idle
+    while another still has pages to go. Correct whatever the victim is doing:
     it reads its new lower bound after each page, and what it fetched below the cut
     before noticing is fetched again here, absorbed by the primary key."""
     with checkpoint.locked(state_path):
         state = checkpoint.read(state_path)
         if state is None:
             return None
-        choice = choose_split(
-            state.partitions, source, min_split_span(state.partitions, page_limit), state.oldest_ms or 0
-        )
+        choice = choose_split(state.partitions, min_split_span(state.partitions, page_limit), state.oldest_ms or 0)
         if choice is None:
             return None
         index, cut = choice

@@ -73,16 +73,15 @@ def walked_to(part: PartitionState) -> int:
     return part.upper_ms
 
 
-def choose_split(
-    parts: list[PartitionState], source: str, min_span_ms: int, oldest_ms: int = 0
-) -> tuple[int, int] | None:
-    """Work stealing: the unfinished partition of `source` with the most time left to walk,
-    and the time to cut it at (its lower half goes to the fetcher that asks). Time below
-    the oldest event holds nothing, so a bound under `oldest_ms` counts from there. None
-    when no partition has at least `min_span_ms` left: too short to be worth a split."""
+def choose_split(parts: list[PartitionState], min_span_ms: int, oldest_ms: int = 0) -> tuple[int, int] | None:
+    """Work stealing: the unfinished partition with the most time left to walk, whatever
+    its lane, and the time to cut it at (its lower half goes to the fetcher that asks, to
+    walk on its own lane: the data is the same on both). Time below the oldest event holds
+    nothing, so a bound under `oldest_ms` counts from there. None when no partition has at
+    least `min_span_ms` left: too short to be worth a split."""
     best: tuple[int, int, int] | None = None  # (index, span left, effective lower bound)
     for part in parts:
-        if part.done or part.source != source:
+        if part.done:
             continue
         lower = max(part.lower_ms, oldest_ms)
         span = walked_to(part) - lower

@@ -14,6 +14,7 @@ from ingest import checkpoint, db
 from ingest.api import ApiClient
 from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
+from ingest.cursors import encode_cursor
 from ingest.fetcher import FetchContext, current_lower, fetch_partition, steal
 from ingest.loader import load_ready
 from ingest.pacing import SharedRateLimiter
@@ -109,3 +110,16 @@ def test_nothing_worth_stealing(sim: Any, data_dir: Path) -> None:
     assert steal(config.state_path, "feed", page_limit=1000) is None
     state = checkpoint.read(config.state_path)
     assert state is not None and len(state.partitions) == 1
+
+
+def test_a_fetcher_of_the_other_lane_takes_over_half_on_its_own_lane(sim: Any, data_dir: Path, pg_dsn: str) -> None:
+    # Walked 1 ms of its window so far (a cursor at the newest event): all left to do.
+    at_top = encode_cursor("ffffffff-ffff-ffff-ffff-ffffffffffff", NEWEST, 0)
+    feed = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1, rows=1000, cursor=at_top)
+    idle = PartitionState(index=1, source="events", lower_ms=0, upper_ms=0, done=True)
+    config, fetch = setup(sim, data_dir, [feed, idle])
+    taken = steal(config.state_path, "events", page_limit=1000)
+    assert taken is not None and taken.source == "events" and taken.lower_ms == 0
+    assert fetch_partition(fetch, taken) and fetch_partition(fetch, feed)
+    load_all(config, pg_dsn)
+    assert_exact(pg_dsn, sim.truth())

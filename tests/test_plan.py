@@ -76,27 +76,28 @@ def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = 
 
 
 @pytest.mark.parametrize(
-    "parts, source, min_span, expected",
+    "parts, min_span, expected",
     [
         # the one with the most time left (by its cursor) is split in the middle of what is left
-        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], "feed", 10, (1, 45)),
-        ([part(0, 100, 200), part(1, 0, 100, at=20)], "feed", 10, (0, 150)),
-        # done partitions and other lanes are never split
-        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events")], "feed", 10, None),
-        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], "events", 10, (1, 30)),
+        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 45)),
+        ([part(0, 100, 200), part(1, 0, 100, at=20)], 10, (0, 150)),
+        # any lane: a fetcher of one lane helps a slower partition of the other
+        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], 10, (1, 30)),
+        # done partitions are never split
+        ([part(0, 100, 200, done=True)], 10, None),
         # too little left to be worth a split
-        ([part(0, 100, 200, at=105)], "feed", 10, None),
-        ([], "feed", 10, None),
+        ([part(0, 100, 200, at=105)], 10, None),
+        ([], 10, None),
     ],
 )
-def test_choose_split(parts: list[Any], source: str, min_span: int, expected: tuple[int, int] | None) -> None:
-    assert choose_split(parts, source, min_span) == expected
+def test_choose_split(parts: list[Any], min_span: int, expected: tuple[int, int] | None) -> None:
+    assert choose_split(parts, min_span) == expected
 
 
 def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
     parts = [part(0, 0, 1000, at=900)]
-    assert choose_split(parts, "feed", 10, oldest_ms=700) == (0, 800)
-    assert choose_split(parts, "feed", 10) == (0, 450)
+    assert choose_split(parts, 10, oldest_ms=700) == (0, 800)
+    assert choose_split(parts, 10) == (0, 450)
 
 
 @pytest.mark.parametrize(
