@@ -28,7 +28,7 @@ from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
 from ingest.logs import configure_logging
 from ingest.normalise import normalise_page
 from ingest.pacing import SharedRateLimiter
-from ingest.plan import choose_split, min_split_span
+from ingest.plan import choose_split, min_split_span, progress_unknown
 from ingest.segments import SegmentStore, SegmentWriter
 from ingest.stats import ClientStatsPublisher, SharedCounters
 
@@ -42,6 +42,7 @@ CURSOR_TTL_MS = 110_000
 # Out of space (or over a file-size limit): restarting cannot help until space returns.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 BACKPRESSURE_POLL_S = 0.2
+STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often
 
 
 def partition_finished(page: Page, lower_ms: int) -> bool:
@@ -256,9 +257,12 @@ def fetcher_process(
         logger.info("partition {} {}", index, "drained" if drained else "stopped")
         while drained and not should_stop():
             taken = steal(config.state_path, part.source, config.page_limit)
-            if taken is None:
+            if taken is not None:
+                drained = fetch_partition(ctx, taken)
+                continue
+            state = checkpoint.read(config.state_path)
+            if state is None or not progress_unknown(state.partitions) or wait(STEAL_RETRY_S):
                 break
-            drained = fetch_partition(ctx, taken)
     except FatalApiError as exc:
         errors.put(f"partition {index}: {exc}")
         code = EXIT_FATAL

@@ -17,6 +17,7 @@ from ingest.cursors import decode_cursor
 # sequential walker per lane would leave the budget idle while it waits for its page: these
 # defaults keep about two requests in flight per lane's worth of budget.
 NEVER = 2**62  # a span no partition has
+SPLIT_MIN_PAGES = 4  # a split leaves a partial page behind: worth it only for more than this
 DEFAULT_FEED_PARTITIONS = 6
 DEFAULT_EVENTS_PARTITIONS = 2
 
@@ -93,12 +94,18 @@ def choose_split(parts: list[PartitionState], min_span_ms: int, oldest_ms: int =
     return index, lower + span // 2
 
 
+def progress_unknown(parts: list[PartitionState]) -> bool:
+    """Some unfinished partition has not committed a page yet: nothing to split by now,
+    but soon there may be (a fetcher with no work should look again, not leave)."""
+    return any(not p.done and (p.rows == 0 or not p.cursor) for p in parts)
+
+
 def min_split_span(parts: list[PartitionState], page_limit: int) -> int:
-    """Splitting pays only for a remainder of a few pages: two pages' worth of time at the
+    """Splitting pays only for a remainder of a few pages: SPLIT_MIN_PAGES pages' worth of time at the
     event density measured so far by the unfinished walks (nothing measured yet: never)."""
     walking = [p for p in parts if not p.done]
     walked_ms = sum(max(0, p.upper_ms - walked_to(p)) for p in walking)
     rows = sum(p.rows for p in walking)
     if rows <= 0 or walked_ms <= 0:
         return NEVER
-    return max(1, int(2 * page_limit * walked_ms / rows))
+    return max(1, int(SPLIT_MIN_PAGES * page_limit * walked_ms / rows))

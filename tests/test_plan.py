@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from ingest.plan import NEVER, choose_lanes, choose_split, estimate_oldest, min_split_span, split_range
+from ingest.plan import (
+    NEVER,
+    choose_lanes,
+    choose_split,
+    estimate_oldest,
+    min_split_span,
+    progress_unknown,
+    split_range,
+)
 
 
 @pytest.mark.parametrize(
@@ -103,8 +111,8 @@ def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
 @pytest.mark.parametrize(
     "walks, page, expected",
     [
-        ([(1000, 900, 10, False)], 10, 200),  # 100 ms walked for 10 rows: 2 pages of 10 = 200 ms
-        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 200),  # finished walks do not count
+        ([(1000, 900, 10, False)], 10, 400),  # 100 ms walked for 10 rows: 4 pages of 10 = 400 ms
+        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 400),  # finished walks do not count
         ([(1000, None, 0, False)], 10, NEVER),  # nothing measured yet
     ],
 )
@@ -115,3 +123,22 @@ def test_min_split_span(walks: list[tuple[int, int | None, int, bool]], page: in
         p.rows = rows
         parts.append(p)
     assert min_split_span(parts, page) == expected
+
+
+@pytest.mark.parametrize(
+    "walks, expected",
+    [
+        ([(0, None, False)], True),  # started, nothing committed
+        ([(1000, 900, False)], False),
+        ([(1000, 900, False), (0, None, True)], False),  # a finished one never counts
+        ([(0, 900, False)], True),
+        ([], False),
+    ],
+)
+def test_progress_unknown(walks: list[tuple[int, int | None, bool]], expected: bool) -> None:
+    parts = []
+    for i, (rows, at, done) in enumerate(walks):
+        p = part(i, 0, 2000, done=done, at=at)
+        p.rows = rows
+        parts.append(p)
+    assert progress_unknown(parts) is expected
