@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING as MISSING_DEFAULT
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -368,10 +368,6 @@ def build_config(
 def load_config(cli: Mapping[str, Any], required: tuple[str, ...] = REQUIRED_FOR_RUN) -> Config:
     """The I/O shell around `build_config`: the real environment and ./.env."""
     return build_config(cli, os.environ, read_dotenv(Path.cwd() / ".env"), required)
-
-
-def with_overrides(config: Config, **changes: Any) -> Config:
-    return replace(config, **changes)
 
 
 def reference_table() -> str:
