@@ -42,7 +42,8 @@ CURSOR_TTL_MS = 110_000
 # Out of space (or over a file-size limit): restarting cannot help until space returns.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 BACKPRESSURE_POLL_S = 0.2
-STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often
+STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often...
+STEAL_PATIENCE_S = 30.0  # ...for this long (a segment seals within --segment-max-age)
 
 
 def partition_finished(page: Page, lower_ms: int) -> bool:
@@ -255,13 +256,19 @@ def fetcher_process(
         # A restarted fetcher may find its own partition done: it goes straight to helping.
         drained = part.done or fetch_partition(ctx, part)
         logger.info("partition {} {}", index, "drained" if drained else "stopped")
+        idle_since = time.monotonic()
         while drained and not should_stop():
             taken = steal(config.state_path, part.source, config.page_limit)
             if taken is not None:
                 drained = fetch_partition(ctx, taken)
+                idle_since = time.monotonic()
                 continue
+            # Nothing to split yet because a walk has not committed a page: look again, but
+            # not for ever (that walk may have no fetcher; the supervisor restarts those).
             state = checkpoint.read(config.state_path)
-            if state is None or not progress_unknown(state.partitions) or wait(STEAL_RETRY_S):
+            if state is None or not progress_unknown(state.partitions):
+                break
+            if time.monotonic() - idle_since > STEAL_PATIENCE_S or wait(STEAL_RETRY_S):
                 break
     except FatalApiError as exc:
         errors.put(f"partition {index}: {exc}")

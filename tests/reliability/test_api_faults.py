@@ -131,7 +131,7 @@ def test_truncated_and_empty_bodies(pg_dsn: str, data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_connection_resets(pg_dsn: str, data_dir: Path) -> None:
-    stats, _ = run_case("reset", pg_dsn, data_dir, {"p_reset": 0.3}, {})
+    stats, _ = run_case("reset", pg_dsn, data_dir, {"p_reset": 0.3}, {"INGEST_PAGE_LIMIT": 500})
     assert faults(stats, "reset") >= 3
 
 
