@@ -42,6 +42,21 @@ class RunFigures:
     summary: dict[str, Any]
     peak_rss_mb: dict[str, float]
 
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    def against(self, name: str, reference: float) -> dict[str, Any]:
+        """The figures every regime reports, with the reference they are measured against."""
+        return {
+            "events": self.events,
+            "seconds": round(self.seconds, 1),
+            "events_per_s": round(self.rate),
+            name: round(reference),
+            "ratio": round(self.rate / reference, 2),
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+
 
 class RssSampler:
     """Peak RSS per child kind of a running supervisor, sampled every 0.2 s."""
@@ -144,16 +159,7 @@ def sink_bound(server_dsn: str, events: int, workers: int) -> dict[str, Any]:
     with spawn_simulator(config) as sim:
         dsn = fresh_database(server_dsn, f"bench_sink_{events}")
         figures = ingest(sim, dsn, BENCH_DIR / "sink", rate_window="0.01", workers=str(workers))
-    raw = raw_copy_rate(dsn)
-    rate = figures.events / figures.seconds
-    return {
-        "events": figures.events,
-        "seconds": round(figures.seconds, 1),
-        "events_per_s": round(rate),
-        "raw_copy_rows_per_s": round(raw),
-        "ratio": round(rate / raw, 2),
-        "peak_rss_mb": figures.peak_rss_mb,
-    }
+    return figures.against("raw_copy_rows_per_s", raw_copy_rate(dsn))
 
 
 def source_bound(server_dsn: str, events: int, time_scale: float, log_level: str = "WARNING") -> dict[str, Any]:
@@ -164,19 +170,13 @@ def source_bound(server_dsn: str, events: int, time_scale: float, log_level: str
         dsn = fresh_database(server_dsn, f"bench_source_{events}")
         figures = ingest(sim, dsn, BENCH_DIR / "source", rate_window=str(window), log_level=log_level)
         stats = sim.stats()
-    rate = figures.events / figures.seconds
     requests = max(1, figures.summary["requests"])
     return {
-        "events": figures.events,
-        "seconds": round(figures.seconds, 1),
-        "events_per_s": round(rate),
-        "ceiling_events_per_s": round(ceiling),
-        "ratio": round(rate / ceiling, 2),
+        **figures.against("ceiling_events_per_s", ceiling),
         "requests": figures.summary["requests"],
         "http_429": figures.summary["http_429"],
         "share_429": round(figures.summary["http_429"] / requests, 4),
         "simulator_429_sent": stats.get("rate_limited"),
-        "peak_rss_mb": figures.peak_rss_mb,
     }
 
 
