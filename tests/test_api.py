@@ -166,6 +166,25 @@ def test_classify(status: int | None, code: str | None, exc: type | None, endpoi
 # -- pages ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("mode", "url", "expected"),
+    [
+        ("auto", "https://api.example.com/api/v1", True),
+        ("auto", "http://10.0.0.5:3000/api/v1", True),
+        ("auto", "http://127.0.0.1:8080/api/v1", False),
+        ("auto", "http://127.9.9.9/api/v1", False),
+        ("auto", "http://localhost:8080/api/v1", False),
+        ("auto", "http://api.localhost/api/v1", False),
+        ("auto", "http://[::1]:8080/api/v1", False),
+        ("on", "http://127.0.0.1:8080/api/v1", True),
+        ("off", "https://api.example.com/api/v1", False),
+    ],
+)
+def test_gzip_is_asked_for_unless_the_api_is_local(mode: str, url: str, expected: bool) -> None:
+    assert api.wants_gzip(mode, url) is expected
+
+
+
 def test_events_page_request_and_parse(client: ApiClient, mocked: responses.RequestsMock) -> None:
     mocked.get(EVENTS, json=page_body(3))
     cursor = encode_cursor(EVENT_ID, 1769541553629, int(START * 1000) + 100_000)
