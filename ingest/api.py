@@ -115,14 +115,19 @@ class Action(enum.Enum):
     REFRESH_TOKEN = "refresh-token"  # stream token refused: get a new one, same request
     REFRESH_CURSOR = "refresh-cursor"  # cursor expired: rewrite exp, then re-position
     DRAINED = "drained"  # 418 for a cursor older than the data: nothing more to fetch
-    UNAVAILABLE = "unavailable"  # stream-access refuses us: no feed for this key
+    UNAVAILABLE = "unavailable"  # a lane refused to this key (no feed token, no query-string key)
     FAIL = "fail"  # terminal
 
 
 # (endpoint, status, code) -> action; None matches anything. Endpoints: "feed", "events",
-# "token" (stream-access). The most specific row wins; then the status class decides.
+# "events_query" (/events with the key in the query string), "token" (stream-access). The
+# most specific row wins; then the status class decides.
 STATUS_ACTIONS: dict[tuple[str | None, int, str | None], Action] = {
     (None, 400, "CURSOR_EXPIRED"): Action.REFRESH_CURSOR,
+    # The query-string lane is an optional extra: a key refused there is not refused on
+    # the header lane, which takes the partition over.
+    ("events_query", 401, None): Action.UNAVAILABLE,
+    ("events_query", 403, None): Action.UNAVAILABLE,
     # Any feed 401/403 is taken for a token problem (the spec says so for 401, and asks for a
     # renewal on any 403); a fresh token refused again makes it fatal.
     ("feed", 401, None): Action.REFRESH_TOKEN,
@@ -335,24 +340,40 @@ def make_session(gzip: bool = True) -> requests.Session:
     return session
 
 
+LANES = ("feed", "events", "events_query")
+
+
+def lane_rates(config: Config) -> dict[str, float]:
+    """Requests per rate window each lane may make (0: the lane is not used)."""
+    return {"feed": config.feed_rate, "events": config.events_rate, "events_query": config.query_rate}
+
+
+def make_limiters(config: Config, ctx: Any) -> dict[str, SharedRateLimiter]:
+    """One shared pacer per lane with a budget, created in the parent process (children
+    receive them as `Process` arguments)."""
+    rates = lane_rates(config).items()
+    return {lane: SharedRateLimiter(rate, config.rate_window, ctx=ctx) for lane, rate in rates if rate > 0}
+
+
 class ApiClient:
     """Fetches pages from the feed or /api/v1/events for one process."""
 
     def __init__(
         self,
         config: Config,
-        feed_limiter: SharedRateLimiter | None,
-        events_limiter: SharedRateLimiter | None,
+        limiters: Mapping[str, SharedRateLimiter] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
         sleep_until_or_stop: Callable[[float], bool] | None = None,
     ) -> None:
-        """`clock` gives epoch seconds (cursor `exp` and token deadlines are compared with it);
+        """`limiters` paces each lane ("feed", "events", "events_query"; see `make_limiters`),
+        shared with the other processes; a lane without one is not paced.
+        `clock` gives epoch seconds (cursor `exp` and token deadlines are compared with it);
         `sleep_until_or_stop(deadline)` sleeps until that clock reaches `deadline` and returns
         True, early, if a shutdown was requested."""
         self.config = config
         self.session = make_session(wants_gzip(config.gzip, config.api_url))
-        self._limiters = {"feed": feed_limiter, "events": events_limiter}
+        self._limiters = dict(limiters or {})
         self._should_stop = should_stop
         self._clock = clock
         self._sleep_until_or_stop = sleep_until_or_stop or self._poll_sleep
@@ -568,15 +589,17 @@ class ApiClient:
         until: int | None = None,
         limit: int | None = None,
     ) -> Page:
-        """One complete page of `source` ("feed" or "events") after `cursor`.
+        """One complete page of `source` after `cursor`: "feed", "events" (/events, key in
+        the header) or "events_query" (/events, key in the query string: a separate budget).
 
         Paced by the source's limiter, retried until it succeeds, `config.max_attempts`
         transient faults have happened (ApiError), a terminal answer arrives
-        (FatalApiError), or a shutdown is requested during a wait (Stopped).
+        (FatalApiError), the query-string lane is refused (SourceUnavailable), or a shutdown
+        is requested during a wait (Stopped).
         """
-        if source not in self._limiters:
+        if source not in LANES:
             raise ValueError(f"unknown source {source!r}")
-        limiter = self._limiters[source]
+        limiter = self._limiters.get(source)
         params: dict[str, Any] = {"limit": limit if limit is not None else self.config.page_limit}
         if source == "feed":
             params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
@@ -595,11 +618,14 @@ class ApiClient:
             else:
                 path = API_SUFFIX + "/events"
                 url = self._api_url + "/events"
+            if source == "events_query":
+                headers = {}
+                params["api_key"] = self.config.api_key
             cursor = self._live_cursor(cursor)
             if cursor is not None:
                 params["cursor"] = cursor
             outcome, body = self._send("GET", url, headers, params=params)
-            if source == "events" and limiter is not None and outcome.status is not None:
+            if source != "feed" and limiter is not None and outcome.status is not None:
                 remaining, reset = rate_headers(outcome.headers, self._clock())
                 limiter.observe(remaining, self._bounded(reset))
             page: Page | None = None
@@ -657,7 +683,9 @@ class ApiClient:
             elif action is Action.REFRESH_CURSOR:
                 cursor_expired += 1
                 cursor = self._revive_cursor(path, outcome, cursor, cursor_expired)
-            else:  # FAIL, or UNAVAILABLE (which only stream-access produces)
+            elif action is Action.UNAVAILABLE:  # the query-string lane is refused
+                raise SourceUnavailable(f"{path} with the key in the query string: {outcome.describe()}")
+            else:
                 raise FatalApiError(self._fail_message(path, outcome))
 
     def _revive_cursor(self, path: str, outcome: Outcome, cursor: str | None, times: int) -> str:

@@ -33,7 +33,7 @@ class PartitionState:
     """One slice [lower_ms, upper_ms) of the event time range, walked newest to oldest."""
 
     index: int
-    source: str  # "feed" or "events"
+    source: str  # the lane: "feed", "events" or "events_query"
     lower_ms: int
     upper_ms: int
     cursor: str | None = None  # the API cursor after the last sealed page; None: start at upper_ms

@@ -72,12 +72,20 @@ class Config:
     )
     page_limit: int = field(default=5000, metadata={"env": "INGEST_PAGE_LIMIT", "help": "events per page (max 5000)"})
     feed_rate: float = field(
-        default=38.0,
+        default=39.0,
         metadata={"env": "INGEST_FEED_RATE", "help": "feed requests per window, shared by all fetchers (no headers)"},
     )
     events_rate: float = field(
         default=10.0,
         metadata={"env": "INGEST_EVENTS_RATE", "help": "/events requests per window; X-RateLimit headers refine it"},
+    )
+    query_rate: float = field(
+        default=5.0,
+        metadata={
+            "env": "INGEST_QUERY_RATE",
+            "help": "/events requests per window with the key in the query string, a separate extra budget"
+            " (0: do not use it)",
+        },
     )
     rate_window: float = field(
         default=60.0, metadata={"env": "INGEST_RATE_WINDOW", "help": "seconds the API's rate limits count over"}
@@ -103,7 +111,12 @@ class Config:
         default=32 << 20, metadata={"env": "INGEST_SEGMENT_BYTES", "help": "rotate a segment after this many bytes"}
     )
     segment_max_age: float = field(
-        default=10.0, metadata={"env": "INGEST_SEGMENT_AGE", "help": "rotate a segment after this many seconds"}
+        default=2.0,
+        metadata={
+            "env": "INGEST_SEGMENT_AGE",
+            "help": "rotate a segment after this many seconds (a rotation commits the walk's position,"
+            " which idle fetchers split by)",
+        },
     )
     ready_max_bytes: int = field(
         default=512 << 20, metadata={"env": "INGEST_READY_BYTES", "help": "fetchers pause while ready/ holds more"}
@@ -297,6 +310,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "page_limit": _parse_int(1, 5000),
     "feed_rate": _parse_float(0.1),
     "events_rate": _parse_float(0.1),
+    "query_rate": _parse_float(0.0),
     "rate_window": _parse_float(0.01),
     "gzip": _parse_choice(GZIP_MODES),
     "request_timeout": _parse_float(0.1),

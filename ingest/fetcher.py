@@ -21,14 +21,14 @@ from typing import Any
 from loguru import logger
 
 from ingest import checkpoint
-from ingest.api import ApiClient, ApiError, FatalApiError, Page, Stopped
+from ingest.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, Stopped, lane_rates
 from ingest.checkpoint import PartitionState
 from ingest.config import Config
 from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
 from ingest.logs import configure_logging
 from ingest.normalise import normalise_page
 from ingest.pacing import SharedRateLimiter
-from ingest.plan import choose_split, min_split_span, progress_unknown
+from ingest.plan import choose_split, lane_needs_walker, page_span_ms, planned_ms_per_event, progress_mark
 from ingest.segments import SegmentStore, SegmentWriter
 from ingest.stats import ClientStatsPublisher, SharedCounters
 
@@ -43,7 +43,7 @@ CURSOR_TTL_MS = 110_000
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 BACKPRESSURE_POLL_S = 0.2
 STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often...
-STEAL_PATIENCE_S = 30.0  # ...for this long (a segment seals within --segment-max-age)
+STEAL_PATIENCE_S = 30.0  # ...until no walk has moved for this long (a segment seals within --segment-max-age)
 
 
 def partition_finished(page: Page, lower_ms: int) -> bool:
@@ -73,7 +73,7 @@ def request_window(part: PartitionState) -> tuple[int | None, int | None]:
 def start_cursor(part: PartitionState, now_ms: int) -> str | None:
     if part.cursor:
         return refresh_cursor(part.cursor, now_ms, CURSOR_TTL_MS)
-    if part.source == "events":
+    if part.source != "feed":  # /events ignores since/until: start at the window's top
         return position_cursor(part.upper_ms, now_ms, CURSOR_TTL_MS)
     return None  # the feed's first page in the window is its newest
 
@@ -105,18 +105,21 @@ def skip_sequence(state_path: Path, part: PartitionState) -> PartitionState:
     return checkpoint.update_partition(state_path, part.index, skip).partitions[part.index]
 
 
-def steal(state_path: Path, source: str, page_limit: int) -> PartitionState | None:
+def steal(state_path: Path, source: str, page_limit: int, rates: dict[str, float]) -> PartitionState | None:
     """Take the lower half of the slowest unfinished partition as a new partition walked
-    on this fetcher's lane, `source` (its own checkpoint entry). An estimate of the time
-    range that was off, or a lane slower than planned, so never leaves a fetcher idle
-    while another still has pages to go. Correct whatever the victim is doing:
+    on this fetcher's lane, `source` (its own checkpoint entry), when that lane has budget
+    no walker uses (`lane_needs_walker`). An estimate of the time range that was off, or a
+    lane slower than planned, so never leaves a budget idle while another walk still has
+    pages to go. Correct whatever the victim is doing:
     it reads its new lower bound after each page, and what it fetched below the cut
     before noticing is fetched again here, absorbed by the primary key."""
     with checkpoint.locked(state_path):
         state = checkpoint.read(state_path)
-        if state is None:
+        if state is None or not lane_needs_walker(state.partitions, source):
             return None
-        choice = choose_split(state.partitions, min_split_span(state.partitions, page_limit), state.oldest_ms or 0)
+        density = planned_ms_per_event(state.total, state.newest_ms, state.oldest_ms)
+        page_ms = page_span_ms(state.partitions, page_limit, density)
+        choice = choose_split(state.partitions, page_ms, state.oldest_ms or 0, source, rates)
         if choice is None:
             return None
         index, cut = choice
@@ -206,12 +209,50 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
         raise
 
 
+def walk(ctx: FetchContext, part: PartitionState) -> tuple[bool, str]:
+    """`fetch_partition`, and the lane it ended on: a partition whose lane the API refuses
+    (the optional query-string lane) goes on, durably, on /events with the key in the
+    header; the data is the same."""
+    try:
+        return fetch_partition(ctx, part), part.source
+    except SourceUnavailable as exc:
+        logger.warning("{}; partition {} goes on with the key in the header", exc, part.index)
+
+    def move(state: PartitionState) -> None:
+        state.source = "events"
+
+    moved = checkpoint.update_partition(ctx.config.state_path, part.index, move).partitions[part.index]
+    return fetch_partition(ctx, moved), moved.source
+
+
+def help_others(ctx: FetchContext, lane: str) -> None:
+    """After its own walk: take over part of another whenever this fetcher's lane has budget
+    no walker uses, until every walk is finished. Gives up when no walk has moved for
+    STEAL_PATIENCE_S (a walk without a fetcher: the supervisor restarts those)."""
+    state_path, page_limit, rates = ctx.config.state_path, ctx.config.page_limit, lane_rates(ctx.config)
+    mark: Any = None
+    moved_at = time.monotonic()
+    while not ctx.should_stop():
+        state = checkpoint.read(state_path)
+        if state is None or all(p.done for p in state.partitions):
+            return
+        if progress_mark(state.partitions) != mark:
+            mark, moved_at = progress_mark(state.partitions), time.monotonic()
+        taken = steal(state_path, lane, page_limit, rates)
+        if taken is not None:
+            drained, lane = walk(ctx, taken)
+            if not drained:
+                return  # stopped
+            continue
+        if time.monotonic() - moved_at > STEAL_PATIENCE_S or ctx.wait(STEAL_RETRY_S):
+            return
+
+
 def fetcher_process(
     config: Config,
     index: int,
     generation: str,
-    feed_limiter: SharedRateLimiter | None,
-    events_limiter: SharedRateLimiter | None,
+    limiters: dict[str, SharedRateLimiter],
     stop_event: Any,
     errors: Any,
     counters: SharedCounters,
@@ -243,7 +284,7 @@ def fetcher_process(
     state = checkpoint.read(config.state_path)
     assert state is not None, "the supervisor writes the checkpoint before starting fetchers"
     part = state.partitions[index]
-    client = ApiClient(config, feed_limiter, events_limiter, should_stop=should_stop)
+    client = ApiClient(config, limiters, should_stop=should_stop)
     publisher = ClientStatsPublisher(counters)
 
     def on_page(rows: int) -> None:
@@ -254,22 +295,10 @@ def fetcher_process(
     code = EXIT_DRAINED
     try:
         # A restarted fetcher may find its own partition done: it goes straight to helping.
-        drained = part.done or fetch_partition(ctx, part)
+        drained, lane = (True, part.source) if part.done else walk(ctx, part)
         logger.info("partition {} {}", index, "drained" if drained else "stopped")
-        idle_since = time.monotonic()
-        while drained and not should_stop():
-            taken = steal(config.state_path, part.source, config.page_limit)
-            if taken is not None:
-                drained = fetch_partition(ctx, taken)
-                idle_since = time.monotonic()
-                continue
-            # Nothing to split yet because a walk has not committed a page: look again, but
-            # not for ever (that walk may have no fetcher; the supervisor restarts those).
-            state = checkpoint.read(config.state_path)
-            if state is None or not progress_unknown(state.partitions):
-                break
-            if time.monotonic() - idle_since > STEAL_PATIENCE_S or wait(STEAL_RETRY_S):
-                break
+        if drained:
+            help_others(ctx, lane)
     except FatalApiError as exc:
         errors.put(f"partition {index}: {exc}")
         code = EXIT_FATAL

@@ -4,48 +4,70 @@ Events come newest first, so a partition is a window [lower_ms, upper_ms) walked
 upper bound down. Partitions are contiguous and cover everything: the newest starts just
 above the newest event, the oldest reaches down to 0, so an estimate of the oldest event
 that is off only makes the last window bigger, never loses events. Each partition runs on
-one lane (the feed or /events); windows are sized by the share of the request budget their
-lane gives them, so all partitions finish at about the same time.
+one lane (the feed, /events, or /events with the key in the query string); windows are
+sized by the share of the request budget their lane gives them, so all partitions finish
+at about the same time.
 """
 
 from __future__ import annotations
 
+import math
+
 from ingest.checkpoint import PartitionState
 from ingest.cursors import decode_cursor
 
-# A page takes about as long as the pause the budgets allow between two requests, so one
-# sequential walker per lane would leave the budget idle while it waits for its page: these
-# defaults keep about two requests in flight per lane's worth of budget.
-NEVER = 2**62  # a span no partition has
-SPLIT_MIN_PAGES = 4  # a split leaves a partial page behind: worth it only for more than this
-DEFAULT_FEED_PARTITIONS = 6
-DEFAULT_EVENTS_PARTITIONS = 2
+# The lanes a source mode walks, newest windows first: the fastest lane gets the oldest
+# windows, the ones an estimate of the oldest event that is off makes emptier or fuller
+# than planned (it has the most walkers to absorb that). Then the order in which walkers are
+# given to lanes: one walker keeps about one page in flight (~4.5 s a page), so the feed's
+# ~40 requests/min need three or more, /events' 10/min one, the query-string lane's 5/min
+# one; the rest of the default eight are slack for slow pages. More partitions than that
+# go to the lane with the largest budget.
+MODE_LANES = {
+    "feed": ("feed",),
+    "events": ("events_query", "events"),
+    "mixed": ("events_query", "events", "feed"),
+}
+WALKER_ORDER = ("feed", "events", "feed", "feed", "events_query", "feed", "events", "feed")
+LANE_NEED = {"feed": 4, "events": 1, "events_query": 1}  # walkers that keep each budget busy
 
 
-def estimate_oldest(newest_ms: int, page_oldest_ms: int, page_events: int, total: int | None) -> int:
-    """Extrapolate the oldest event's time from one page's event density and meta.total."""
-    if not total or page_events < 2 or page_oldest_ms >= newest_ms or total <= page_events:
-        return page_oldest_ms
-    per_event = (newest_ms - page_oldest_ms) / (page_events - 1)
+PROBE_DEPTH = 10  # the second probe looks this many first-probe spans below the newest event
+
+
+def estimate_oldest(newest_ms: int, sample: tuple[int, int, int], total: int | None) -> int:
+    """Extrapolate the oldest event's time from meta.total and the event density of a
+    sample `(newest_ms, oldest_ms, events)` of consecutive events. The sample that counts is
+    one from inside the data: near its newest end the density ramps down (sessions that
+    started shortly before the newest event have not produced their events yet)."""
+    top, bottom, events = sample
+    if not total or events < 2 or bottom >= top or total <= events:
+        return bottom
+    per_event = (top - bottom) / (events - 1)
     return max(0, int(newest_ms - per_event * (total - 1)))
 
 
-def choose_lanes(mode: str, partitions: int, feed_rate: float, events_rate: float) -> list[tuple[str, float]]:
-    """(source, weight) per partition, newest first. `mode`: feed, events or mixed."""
-    if mode == "events":
-        count = partitions or DEFAULT_EVENTS_PARTITIONS
-        return [("events", events_rate / count)] * count
-    if mode == "feed":
-        count = partitions or DEFAULT_FEED_PARTITIONS
-        return [("feed", feed_rate / count)] * count
-    if mode == "mixed":
-        total = partitions or DEFAULT_FEED_PARTITIONS + DEFAULT_EVENTS_PARTITIONS
-        if total < 2:
-            return [("feed", feed_rate)]
-        events = min(DEFAULT_EVENTS_PARTITIONS, total // 4) or 1
-        feeds = total - events
-        return [("feed", feed_rate / feeds)] * feeds + [("events", events_rate / events)] * events
-    raise ValueError(f"unknown source mode {mode!r}")
+def probe_depth(newest_ms: int, first_probe_oldest_ms: int) -> int:
+    """Where to take the density sample: PROBE_DEPTH first-probe spans below the newest
+    event, clear of the ramp at the newest end."""
+    return max(0, newest_ms - PROBE_DEPTH * max(1, newest_ms - first_probe_oldest_ms))
+
+
+def choose_lanes(mode: str, partitions: int, rates: dict[str, float]) -> list[tuple[str, float]]:
+    """(lane, weight) per partition, newest first: `partitions` walkers (0: the default
+    order's walkers) over the lanes of `mode` that have a budget (`rates`, requests per
+    window), each weighted by its lane's budget per walker."""
+    if mode not in MODE_LANES:
+        raise ValueError(f"unknown source mode {mode!r}")
+    usable = [lane for lane in MODE_LANES[mode] if rates.get(lane, 0) > 0]
+    if not usable:
+        raise ValueError(f"no lane of {mode!r} has a request budget")
+    order = [lane for lane in WALKER_ORDER if lane in usable]
+    count = partitions or len(order)
+    fastest = max(usable, key=lambda lane: rates[lane])
+    chosen = order[:count] + [fastest] * (count - len(order))
+    walkers = {lane: chosen.count(lane) for lane in usable}
+    return [(lane, rates[lane] / walkers[lane]) for lane in usable for _ in range(walkers[lane])]
 
 
 def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[str, float]]) -> list[PartitionState]:
@@ -74,38 +96,94 @@ def walked_to(part: PartitionState) -> int:
     return part.upper_ms
 
 
-def choose_split(parts: list[PartitionState], min_span_ms: int, oldest_ms: int = 0) -> tuple[int, int] | None:
-    """Work stealing: the unfinished partition with the most time left to walk, whatever
-    its lane, and the time to cut it at (its lower half goes to the fetcher that asks, to
-    walk on its own lane: the data is the same on both). Time below the oldest event holds
-    nothing, so a bound under `oldest_ms` counts from there. None when no partition has at
-    least `min_span_ms` left: too short to be worth a split."""
-    best: tuple[int, int, int] | None = None  # (index, span left, effective lower bound)
+def walker_speed(parts: list[PartitionState], lane: str, rates: dict[str, float], joining: int = 0) -> float:
+    """Requests per window one walker of `lane` gets: its budget shared by the lane's
+    unfinished walks (plus `joining`), but never more than LANE_NEED walkers' share (one
+    walker keeps only about one page in flight)."""
+    walking = sum(1 for p in parts if not p.done and p.source == lane) + joining
+    return rates.get(lane, 0.0) / max(walking, LANE_NEED.get(lane, 1), 1)
+
+
+def best_cut(pages_left: float, victim_speed: float, thief_speed: float) -> int | None:
+    """How many pages of a remainder the thief should take so that the later of the two
+    walks finishes soonest, counted in whole requests (each part ends with a partial page
+    that costs a full request); None when no split finishes sooner than the victim alone."""
+    whole = math.ceil(pages_left - 1e-9)
+    best, best_time = None, whole / victim_speed
+    # The thief's time grows with its share and the victim's shrinks: the best whole number
+    # of pages is next to where the two would be equal.
+    even = int(pages_left * thief_speed / (thief_speed + victim_speed))
+    for taken in range(max(1, even - 1), min(whole - 1, even + 2) + 1):
+        finish = max(taken / thief_speed, math.ceil(pages_left - taken - 1e-9) / victim_speed)
+        if finish < best_time - 1e-9:
+            best, best_time = taken, finish
+    return best
+
+
+def choose_split(
+    parts: list[PartitionState],
+    page_ms: int | None,
+    oldest_ms: int = 0,
+    thief: str | None = None,
+    rates: dict[str, float] | None = None,
+) -> tuple[int, int] | None:
+    """Work stealing: the unfinished partition that will take longest to finish (the
+    pages left to walk, `page_ms` of time each, over its walker's speed; whatever its
+    lane), and the time to cut it at. Its lower part goes to the fetcher that asks, to
+    walk on its own lane `thief` (the data is the same on both), sized by `best_cut`: a
+    slow lane takes less, and a remainder no split would finish sooner is left alone.
+    Without `rates` every walker counts as equally fast. Time below the oldest event holds
+    nothing, so a bound under `oldest_ms` counts from there."""
+    if not page_ms:
+        return None
+
+    def speed(lane: str, joining: int = 0) -> float:
+        return max(walker_speed(parts, lane, rates, joining), 1e-9) if rates else 1.0
+
+    best: tuple[float, int, int, str] | None = None  # (time alone, index, lower bound, lane)
     for part in parts:
         if part.done:
             continue
         lower = max(part.lower_ms, oldest_ms)
-        span = walked_to(part) - lower
-        if span >= max(2, min_span_ms) and (best is None or span > best[1]):
-            best = (part.index, span, lower)
+        alone = math.ceil((walked_to(part) - lower) / page_ms - 1e-9) / speed(part.source)
+        if alone > 0 and (best is None or alone > best[0]):
+            best = (alone, part.index, lower, part.source)
     if best is None:
         return None
-    index, span, lower = best
-    return index, lower + span // 2
+    _, index, lower, lane = best
+    pages_left = (walked_to(parts[index]) - lower) / page_ms
+    taken = best_cut(pages_left, speed(lane), speed(thief, joining=1) if thief is not None else speed(lane))
+    return None if taken is None else (index, lower + taken * page_ms)
 
 
-def progress_unknown(parts: list[PartitionState]) -> bool:
-    """Some unfinished partition has not committed a page yet: nothing to split by now,
-    but soon there may be (a fetcher with no work should look again, not leave)."""
-    return any(not p.done and (p.rows == 0 or not p.cursor) for p in parts)
+def lane_needs_walker(parts: list[PartitionState], lane: str) -> bool:
+    """Fewer unfinished partitions walk `lane` than keep its budget busy (LANE_NEED): a
+    walker that joins it uses budget that would otherwise go idle. With enough walkers a
+    split would only cost a partial page, so an idle fetcher waits instead."""
+    walking = sum(1 for p in parts if not p.done and p.source == lane)
+    return walking < LANE_NEED.get(lane, 1)
 
 
-def min_split_span(parts: list[PartitionState], page_limit: int) -> int:
-    """Splitting pays only for a remainder of a few pages: SPLIT_MIN_PAGES pages' worth of time at the
-    event density measured so far by the unfinished walks (nothing measured yet: never)."""
+def progress_mark(parts: list[PartitionState]) -> tuple[tuple[int, str | None, int, bool], ...]:
+    """Changes whenever any walk commits a page, finishes or is split: an idle fetcher
+    that sees it unchanged for long knows the walks have stalled or lost their fetchers."""
+    return tuple((p.index, p.cursor, p.lower_ms, p.done) for p in parts)
+
+
+def page_span_ms(parts: list[PartitionState], page_limit: int, planned_ms_per_event: float | None = None) -> int | None:
+    """The time one page of events covers: at the density the unfinished walks measured so
+    far, or before anything is measured the plan's estimate (neither: None)."""
     walking = [p for p in parts if not p.done]
     walked_ms = sum(max(0, p.upper_ms - walked_to(p)) for p in walking)
     rows = sum(p.rows for p in walking)
-    if rows <= 0 or walked_ms <= 0:
-        return NEVER
-    return max(1, int(SPLIT_MIN_PAGES * page_limit * walked_ms / rows))
+    ms_per_event = walked_ms / rows if rows > 0 and walked_ms > 0 else planned_ms_per_event
+    if not ms_per_event:
+        return None
+    return max(1, int(page_limit * ms_per_event))
+
+
+def planned_ms_per_event(total: int | None, newest_ms: int | None, oldest_ms: int | None) -> float | None:
+    """The plan's density estimate: its time range over the events the API reported."""
+    if not total or newest_ms is None or oldest_ms is None or newest_ms <= oldest_ms:
+        return None
+    return (newest_ms - oldest_ms) / total

@@ -10,11 +10,10 @@ from loguru import logger
 from psycopg2 import sql
 
 from ingest import checkpoint, db
-from ingest.api import ApiClient, SourceUnavailable
+from ingest.api import ApiClient, SourceUnavailable, make_limiters
 from ingest.config import Config
 from ingest.loader import load_ready
 from ingest.normalise import normalise_event
-from ingest.pacing import SharedRateLimiter
 from ingest.segments import SegmentStore
 from ingest.supervisor import database, prepare_database
 
@@ -68,11 +67,7 @@ def crawl_source_ids(config: Config, sink: io.BufferedIOBase | Any) -> dict[str,
     """Page the whole source once, newest to oldest, writing storable ids (one per line)
     to `sink`; count what no client could store."""
     ctx = mp.get_context("spawn")
-    client = ApiClient(
-        config,
-        SharedRateLimiter(config.feed_rate, config.rate_window, ctx=ctx),
-        SharedRateLimiter(config.events_rate, config.rate_window, ctx=ctx),
-    )
+    client = ApiClient(config, make_limiters(config, ctx))
     source = "events" if config.source == "events" else "feed"
     counts = {"events": 0, "unstorable": 0, "pages": 0}
     cursor: str | None = None

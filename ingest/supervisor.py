@@ -22,18 +22,17 @@ import psycopg2
 from loguru import logger
 
 from ingest import checkpoint, db
-from ingest.api import ApiClient, ApiError, FatalApiError, SourceUnavailable
+from ingest.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, lane_rates, make_limiters
 from ingest.checkpoint import Checkpoint
 from ingest.config import Config
-from ingest.cursors import decode_cursor
+from ingest.cursors import decode_cursor, position_cursor
+from ingest.fetcher import CURSOR_TTL_MS, fetcher_process
 from ingest.fetcher import EXIT_FATAL as FETCHER_FATAL
-from ingest.fetcher import fetcher_process
 from ingest.loader import EXIT_FATAL as LOADER_FATAL
 from ingest.loader import loader_process
 from ingest.metrics import MetricsServer, start_metrics_server
 from ingest.normalise import parse_timestamp
-from ingest.pacing import SharedRateLimiter
-from ingest.plan import choose_lanes, estimate_oldest, split_range
+from ingest.plan import choose_lanes, estimate_oldest, probe_depth, split_range
 from ingest.progress import Progress
 from ingest.segments import SegmentStore, reconcile, release
 from ingest.stats import SharedCounters
@@ -91,6 +90,34 @@ def newest_timestamp_ms(events: list[Any]) -> int | None:
     return max(valid) // 1000 if valid else None
 
 
+def sample_of(page: Page) -> tuple[int, int, int] | None:
+    """(newest, oldest, events) of a page, or None when it holds too little to measure."""
+    top = newest_timestamp_ms(page.events)
+    if top is None or len(page.events) < 2 or not page.next_cursor:
+        return None
+    return top, int(decode_cursor(page.next_cursor)["ts"]), len(page.events)
+
+
+def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page, limit: int) -> int:
+    """The oldest event's time, from a second small page taken well inside the data (see
+    `estimate_oldest`; positioned by `until` on the feed, by a forged cursor on /events).
+    A plan from a wrong estimate still covers everything, but leaves lanes idle or
+    overloaded until work stealing evens them out, each split costing a partial page."""
+    first = sample_of(probe)
+    if first is None:  # one page holds everything (or nothing measurable): no need to guess
+        return newest
+    depth = probe_depth(newest, first[1])
+    if mode == "events":
+        cursor = position_cursor(depth, int(time.time() * 1000), CURSOR_TTL_MS)
+        page = client.fetch_page("events", cursor, limit=limit)
+    else:
+        page = client.fetch_page("feed", None, until=depth, limit=limit)
+    inside = sample_of(page)
+    if inside is None:  # the data ends above the depth: the first sample is all we have
+        return max(depth, estimate_oldest(newest, first, probe.total))
+    return estimate_oldest(newest, inside, probe.total)
+
+
 def make_plan(config: Config, client: ApiClient) -> Checkpoint:
     """Probe the source once, then split its time range into partitions."""
     mode = {"auto": "mixed", "feed": "feed", "events": "events"}[config.source]
@@ -115,11 +142,8 @@ def make_plan(config: Config, client: ApiClient) -> Checkpoint:
         for part in plan.partitions:
             part.done = not probe.events
         return plan
-    page_oldest = newest
-    if probe.next_cursor:
-        page_oldest = int(decode_cursor(probe.next_cursor)["ts"])
-    oldest = estimate_oldest(newest, page_oldest, len(probe.events), probe.total)
-    lanes = choose_lanes(mode, config.partitions, config.feed_rate, config.events_rate)
+    oldest = estimate_from_samples(client, mode, newest, probe, limit)
+    lanes = choose_lanes(mode, config.partitions, lane_rates(config))
     plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest, oldest_ms=oldest)
     plan.partitions = split_range(oldest, newest + 1, lanes)
     logger.info(
@@ -153,9 +177,7 @@ class Supervisor:
         self.stop_loaders = self.ctx.Event()
         self.errors = self.ctx.Queue()
         self.counters = SharedCounters(self.ctx)
-        window = self.config.rate_window
-        self.feed_limiter = SharedRateLimiter(self.config.feed_rate, window, ctx=self.ctx)
-        self.events_limiter = SharedRateLimiter(self.config.events_rate, window, ctx=self.ctx)
+        self.limiters = make_limiters(self.config, self.ctx)
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.failure: str | None = None
@@ -171,8 +193,7 @@ class Supervisor:
                 self.config,
                 key,
                 self.plan.generation,
-                self.feed_limiter,
-                self.events_limiter,
+                self.limiters,
                 self.stop_fetch,
                 self.errors,
                 self.counters.for_child(),
@@ -370,7 +391,7 @@ class Supervisor:
         if existing is not None:
             logger.info("resuming from the checkpoint ({} rows fetched so far)", existing.rows)
             return existing
-        client = ApiClient(self.config, self.feed_limiter, self.events_limiter, should_stop=lambda: bool(self.signals))
+        client = ApiClient(self.config, self.limiters, should_stop=lambda: bool(self.signals))
         try:
             plan = make_plan(self.config, client)
         except FatalApiError as exc:

@@ -72,8 +72,6 @@ def config() -> Config:
 
 
 def make_client(config: Config, clock: FakeTime, **kwargs: Any) -> ApiClient:
-    kwargs.setdefault("feed_limiter", None)
-    kwargs.setdefault("events_limiter", None)
     return ApiClient(config, clock=clock, sleep_until_or_stop=clock.sleep_until, **kwargs)
 
 
@@ -154,6 +152,9 @@ def sent_cursor(call: Any) -> dict[str, Any]:
         (403, "SOMETHING_NEW", None, "events", Action.FAIL),
         (403, "SOMETHING_NEW", None, "feed", Action.REFRESH_TOKEN),  # renewed once, then fatal
         (403, "DASHBOARD_REQUIRED", None, "token", Action.UNAVAILABLE),
+        (401, "UNAUTHORIZED", None, "events_query", Action.UNAVAILABLE),
+        (403, None, None, "events_query", Action.UNAVAILABLE),
+        (401, "UNAUTHORIZED", None, "events", Action.FAIL),
         (404, None, None, "token", Action.UNAVAILABLE),
         (404, "ENDPOINT_NOT_FOUND", None, "events", Action.FAIL),
         (418, None, None, "events", Action.DRAINED),
@@ -301,7 +302,7 @@ def test_429_honours_retry_after(client: ApiClient, mocked: responses.RequestsMo
 
 def test_429_penalises_the_shared_limiter(config: Config, clock: FakeTime, mocked: responses.RequestsMock) -> None:
     limiter = SharedRateLimiter(600, 60, burst=1, clock=clock)
-    client = make_client(config, clock, events_limiter=limiter)
+    client = make_client(config, clock, limiters={"events": limiter})
     mocked.get(EVENTS, json=error_body(429, "RATE_LIMIT_EXCEEDED"), status=429, headers={"Retry-After": "7"})
     mocked.get(EVENTS, json=page_body(2))
     client.fetch_page("events", None)
@@ -323,7 +324,7 @@ def test_silent_feed_429_waits_10_then_20_seconds(
 
 def test_events_headers_drive_the_pace(config: Config, clock: FakeTime, mocked: responses.RequestsMock) -> None:
     limiter = SharedRateLimiter(600, 60, burst=1, clock=clock)
-    client = make_client(config, clock, events_limiter=limiter)
+    client = make_client(config, clock, limiters={"events": limiter})
     mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "7.5"})
     mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Remaining": "4", "X-RateLimit-Reset": "8"})
     mocked.get(EVENTS, json=page_body(2))
@@ -332,6 +333,33 @@ def test_events_headers_drive_the_pace(config: Config, clock: FakeTime, mocked: 
     assert clock.waits == [7.5]
     client.fetch_page("events", None)
     assert clock.waits == [7.5, 1.6]  # 4 left + the reset: 8 s / 5 from the request's start
+
+
+def test_the_query_string_lane_sends_the_key_as_api_key_and_paces_on_its_own_budget(
+    config: Config, clock: FakeTime, mocked: responses.RequestsMock
+) -> None:
+    header_lane = SharedRateLimiter(600, 60, burst=1, clock=clock)
+    query_lane = SharedRateLimiter(600, 60, burst=1, clock=clock)
+    client = make_client(config, clock, limiters={"events": header_lane, "events_query": query_lane})
+    mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "7.5"})
+    mocked.get(EVENTS, json=page_body(2))
+    client.fetch_page("events_query", None, since=1, until=2, limit=50)
+    request = mocked.calls[0].request
+    assert "X-API-Key" not in request.headers
+    assert request.params == {"limit": "50", "api_key": KEY}
+    assert query_lane.snapshot().blocked_until > header_lane.snapshot().blocked_until, "only its own budget is spent"
+    client.fetch_page("events_query", None)
+    assert clock.waits == [7.5]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_query_string_lane_is_unavailable_not_fatal(
+    client: ApiClient, mocked: responses.RequestsMock, status: int
+) -> None:
+    mocked.get(EVENTS, json=error_body(status, "UNAUTHORIZED"), status=status)
+    with pytest.raises(SourceUnavailable) as refused:
+        client.fetch_page("events_query", None)
+    assert KEY not in str(refused.value)
 
 
 # -- stream token -----------------------------------------------------------------------------
@@ -586,7 +614,7 @@ def test_stop_during_a_wait_raises_stopped(
 
 def test_stop_during_limiter_wait_raises_stopped(config: Config, clock: FakeTime, mocked: responses.RequestsMock) -> None:
     limiter = SharedRateLimiter(1, 60, burst=1, clock=clock)
-    client = make_client(config, clock, events_limiter=limiter)
+    client = make_client(config, clock, limiters={"events": limiter})
     mocked.get(EVENTS, json=page_body(2))
     client.fetch_page("events", None)
     clock.stop_on_wait = True
@@ -605,7 +633,7 @@ def test_stop_requested_before_sending(config: Config, clock: FakeTime, mocked: 
 def test_default_sleep_is_interruptible(config: Config, mocked: responses.RequestsMock) -> None:
     """The built-in sleeper polls should_stop: a 60 s Retry-After ends within a poll."""
     flags = {"stop": False}
-    client = ApiClient(config, None, None, should_stop=lambda: flags["stop"])
+    client = ApiClient(config, None, should_stop=lambda: flags["stop"])
 
     def rate_limited_then_stop(request: Any) -> tuple[int, dict[str, str], str]:
         flags["stop"] = True  # a shutdown arrives while the client waits

@@ -10,18 +10,19 @@ from typing import Any
 
 import pytest
 
-from ingest import checkpoint, db
-from ingest.api import ApiClient
+from ingest import checkpoint, db, fetcher
+from ingest.api import LANES, ApiClient
 from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
 from ingest.cursors import encode_cursor
-from ingest.fetcher import FetchContext, current_lower, fetch_partition, steal
+from ingest.fetcher import FetchContext, current_lower, fetch_partition, help_others, steal, walk
 from ingest.loader import load_ready
 from ingest.pacing import SharedRateLimiter
 from ingest.segments import SegmentStore
 from ingest.simulator import SimulatorConfig, start_simulator
 from tests.e2e import assert_exact
 
+RATES = {"feed": 40.0, "events": 10.0, "events_query": 5.0}
 NEWEST = 1769541612369
 OLDEST = 1766946793000
 
@@ -45,7 +46,7 @@ def setup(sim: Any, data_dir: Path, parts: list[PartitionState]) -> tuple[Config
     )
     checkpoint.write(config.state_path, plan)
     ctx = mp.get_context("spawn")
-    client = ApiClient(config, SharedRateLimiter(1000, 0.01, ctx=ctx), SharedRateLimiter(1000, 0.01, ctx=ctx))
+    client = ApiClient(config, {lane: SharedRateLimiter(1000, 0.01, ctx=ctx) for lane in LANES})
     store = SegmentStore(config.segments_dir)
     store.ensure()
     fetch = FetchContext(config, "0badcafe", client, store, lambda: False, lambda seconds: False)
@@ -59,7 +60,7 @@ def load_all(config: Config, dsn: str) -> None:
     load_ready(config, dsn, workers=2)
 
 
-@pytest.mark.parametrize("source", ["feed", "events"])
+@pytest.mark.parametrize("source", LANES)
 def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, source: str) -> None:
     middle = 1768000000000
     parts = [
@@ -71,6 +72,9 @@ def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, 
     state = checkpoint.read(config.state_path)
     assert state is not None and state.drained
     assert [p.last_sealed is not None for p in state.partitions] == [True, True]
+    # Each walk starts at its window's top: 12 full pages in all, plus at most a partial
+    # page per walk and the empty last page of the older one.
+    assert sum(p.pages for p in state.partitions) <= 12_000 // 1000 + 3
     load_all(config, pg_dsn)
     assert_exact(pg_dsn, sim.truth())
 
@@ -85,7 +89,7 @@ def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_
     def steal_after_the_first_seal(rows: int) -> None:
         state = checkpoint.read(config.state_path)
         if not stolen and state is not None and state.partitions[0].cursor:
-            taken = steal(config.state_path, "feed", page_limit=1000)
+            taken = steal(config.state_path, "feed", page_limit=1000, rates=RATES)
             assert taken is not None
             stolen.append(taken)
 
@@ -107,7 +111,7 @@ def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_
 
 def test_nothing_worth_stealing(sim: Any, data_dir: Path) -> None:
     config, _ = setup(sim, data_dir, [PartitionState(index=0, source="feed", lower_ms=0, upper_ms=10, done=True)])
-    assert steal(config.state_path, "feed", page_limit=1000) is None
+    assert steal(config.state_path, "feed", page_limit=1000, rates=RATES) is None
     state = checkpoint.read(config.state_path)
     assert state is not None and len(state.partitions) == 1
 
@@ -118,8 +122,49 @@ def test_a_fetcher_of_the_other_lane_takes_over_half_on_its_own_lane(sim: Any, d
     feed = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1, rows=1000, cursor=at_top)
     idle = PartitionState(index=1, source="events", lower_ms=0, upper_ms=0, done=True)
     config, fetch = setup(sim, data_dir, [feed, idle])
-    taken = steal(config.state_path, "events", page_limit=1000)
+    taken = steal(config.state_path, "events", page_limit=1000, rates=RATES)
     assert taken is not None and taken.source == "events" and taken.lower_ms == 0
     assert fetch_partition(fetch, taken) and fetch_partition(fetch, feed)
     load_all(config, pg_dsn)
     assert_exact(pg_dsn, sim.truth())
+
+
+def test_a_lane_with_enough_walkers_does_not_steal(sim: Any, data_dir: Path) -> None:
+    walks = [PartitionState(index=i, source="feed", lower_ms=i * 10**12, upper_ms=(i + 1) * 10**12) for i in range(4)]
+    config, _ = setup(sim, data_dir, walks)
+    assert steal(config.state_path, "feed", page_limit=1000, rates=RATES) is None, "four feed walkers keep the feed busy"
+    assert steal(config.state_path, "events", page_limit=1000, rates=RATES) is not None, "nobody walks /events"
+
+
+def test_an_idle_fetcher_helps_until_no_walk_moves(
+    sim: Any, data_dir: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetcher, "STEAL_PATIENCE_S", 0.2)
+    # Nothing committed yet: the split goes by the plan's density, not by measured progress.
+    feed = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1)
+    idle = PartitionState(index=1, source="events", lower_ms=0, upper_ms=0, done=True)
+    config, fetch = setup(sim, data_dir, [feed, idle])
+    help_others(fetch, "events")  # halves of what is left, until the rest is too small to split
+    state = checkpoint.read(config.state_path)
+    assert state is not None and len(state.partitions) >= 3
+    assert all(p.done for p in state.partitions[1:]), "every part taken over was walked"
+    assert not state.partitions[0].done, "nobody walks the victim's upper part: the helper gave up"
+    assert fetch_partition(fetch, state.partitions[0])
+    help_others(fetch, "events")  # every walk done: returns at once
+    load_all(config, pg_dsn)
+    assert_exact(pg_dsn, sim.truth())
+
+
+def test_a_refused_query_string_lane_goes_on_in_the_header_lane(data_dir: Path, pg_dsn: str) -> None:
+    refusing = SimulatorConfig(events=3_000, latency="none", rate_limits=False, chaos="none", query_auth=False)
+    simulator = start_simulator(refusing)
+    try:
+        part = PartitionState(index=0, source="events_query", lower_ms=0, upper_ms=NEWEST + 1)
+        config, fetch = setup(simulator, data_dir, [part])
+        assert walk(fetch, part) == (True, "events")
+        state = checkpoint.read(config.state_path)
+        assert state is not None and state.partitions[0].source == "events" and state.drained
+        load_all(config, pg_dsn)
+        assert_exact(pg_dsn, simulator.truth())
+    finally:
+        simulator.stop()

@@ -3,59 +3,91 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingest.plan import (
-    NEVER,
+    best_cut,
     choose_lanes,
     choose_split,
     estimate_oldest,
-    min_split_span,
-    progress_unknown,
+    lane_needs_walker,
+    page_span_ms,
+    planned_ms_per_event,
+    probe_depth,
+    progress_mark,
     split_range,
+    walker_speed,
 )
 
 
 @pytest.mark.parametrize(
-    "newest, page_oldest, page_events, total, expected",
+    "newest, sample, total, expected",
     [
-        (10_000, 9_000, 1001, 10_001, 0),  # 1 ms per event, 10,001 events -> oldest 0
-        (10_000, 9_000, 1001, 5_001, 5_000),
-        (10_000, 9_000, 1001, 1001, 9_000),  # the page holds everything
-        (10_000, 9_000, 1001, None, 9_000),  # no total: only what we saw
-        (10_000, 10_000, 1, 100, 10_000),  # one event: no density to extrapolate
-        (10_000, 9_000, 1001, 10**9, 0),  # never below 0
+        (10_000, (10_000, 9_000, 1001), 10_001, 0),  # 1 ms per event, 10,001 events -> oldest 0
+        (10_000, (10_000, 9_000, 1001), 5_001, 5_000),
+        (10_000, (10_000, 9_000, 1001), 1001, 9_000),  # the page holds everything
+        (10_000, (10_000, 9_000, 1001), None, 9_000),  # no total: only what we saw
+        (10_000, (10_000, 10_000, 1), 100, 10_000),  # one event: no density to extrapolate
+        (10_000, (10_000, 9_000, 1001), 10**9, 0),  # never below 0
+        # a sample from deeper in: its density counts, from the newest event
+        (10_000, (6_000, 4_000, 1001), 2_001, 6_000),
     ],
 )
-def test_estimate_oldest(newest: int, page_oldest: int, page_events: int, total: int | None, expected: int) -> None:
-    assert estimate_oldest(newest, page_oldest, page_events, total) == expected
+def test_estimate_oldest(newest: int, sample: tuple[int, int, int], total: int | None, expected: int) -> None:
+    assert estimate_oldest(newest, sample, total) == expected
 
 
 @pytest.mark.parametrize(
-    "mode, partitions, expected",
+    "newest, first_oldest, expected",
+    [(100_000, 99_000, 90_000), (100_000, 100_000, 99_990), (5_000, 1_000, 0)],
+)
+def test_probe_depth_is_ten_first_probe_spans_down(newest: int, first_oldest: int, expected: int) -> None:
+    assert probe_depth(newest, first_oldest) == expected
+
+
+RATES = {"feed": 40, "events": 10, "events_query": 5}
+QUERY = "events_query"
+
+
+@pytest.mark.parametrize(
+    "mode, partitions, rates, expected",
     [
-        ("feed", 0, ["feed"] * 6),
-        ("feed", 2, ["feed"] * 2),
-        ("events", 0, ["events"] * 2),
-        ("events", 3, ["events"] * 3),
-        ("mixed", 0, ["feed"] * 6 + ["events"] * 2),
-        ("mixed", 3, ["feed", "feed", "events"]),
-        ("mixed", 5, ["feed"] * 4 + ["events"]),
-        ("mixed", 8, ["feed"] * 6 + ["events"] * 2),
-        ("mixed", 1, ["feed"]),
+        ("feed", 0, RATES, ["feed"] * 5),
+        ("feed", 2, RATES, ["feed"] * 2),
+        ("feed", 7, RATES, ["feed"] * 7),
+        ("events", 0, RATES, [QUERY] + ["events"] * 2),
+        ("events", 1, RATES, ["events"]),
+        ("events", 4, RATES, [QUERY] + ["events"] * 3),
+        ("events", 0, {**RATES, QUERY: 0}, ["events"] * 2),  # the query lane turned off
+        ("mixed", 0, RATES, [QUERY] + ["events"] * 2 + ["feed"] * 5),
+        ("mixed", 1, RATES, ["feed"]),
+        ("mixed", 3, RATES, ["events", "feed", "feed"]),
+        ("mixed", 5, RATES, [QUERY, "events"] + ["feed"] * 3),
+        ("mixed", 10, RATES, [QUERY] + ["events"] * 2 + ["feed"] * 7),
+        ("mixed", 0, {**RATES, QUERY: 0}, ["events"] * 2 + ["feed"] * 5),
     ],
 )
-def test_choose_lanes(mode: str, partitions: int, expected: list[str]) -> None:
-    lanes = choose_lanes(mode, partitions, feed_rate=40, events_rate=10)
+def test_choose_lanes(mode: str, partitions: int, rates: dict[str, float], expected: list[str]) -> None:
+    lanes = choose_lanes(mode, partitions, rates)
     assert [source for source, _ in lanes] == expected
 
 
-def test_mixed_lanes_weight_by_budget() -> None:
-    lanes = choose_lanes("mixed", 0, feed_rate=36, events_rate=10)
-    assert [w for _, w in lanes] == [6] * 6 + [5, 5]
-    assert choose_lanes("mixed", 3, feed_rate=40, events_rate=10)[0][1] == 20
+def test_lanes_weight_by_budget_per_walker() -> None:
+    lanes = choose_lanes("mixed", 0, {"feed": 40, "events": 10, QUERY: 5})
+    assert [w for _, w in lanes] == [5, 5, 5] + [8] * 5
+    assert choose_lanes("mixed", 3, RATES)[-1][1] == 20
+
+
+def test_a_mode_without_budget_is_refused() -> None:
+    with pytest.raises(ValueError):
+        choose_lanes("feed", 0, {"feed": 0})
+    with pytest.raises(ValueError):
+        choose_lanes("sideways", 0, RATES)
 
 
 @pytest.mark.parametrize("lanes", [[("feed", 1.0)], [("feed", 1.0)] * 4, [("feed", 3.0), ("events", 1.0)]])
@@ -84,22 +116,92 @@ def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = 
 
 
 @pytest.mark.parametrize(
-    "parts, min_span, expected",
+    "parts, page_ms, expected",
     [
-        # the one with the most time left (by its cursor) is split in the middle of what is left
-        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 45)),
+        # the one with the most left (by its cursor) is split; 9 pages: the thief takes 4
+        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 40)),
         ([part(0, 100, 200), part(1, 0, 100, at=20)], 10, (0, 150)),
         # any lane: a fetcher of one lane helps a slower partition of the other
         ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], 10, (1, 30)),
+        # two pages left: one each
+        ([part(0, 0, 100, at=20)], 10, (0, 10)),
         # done partitions are never split
         ([part(0, 100, 200, done=True)], 10, None),
-        # too little left to be worth a split
+        # a partial page left: no split finishes sooner
         ([part(0, 100, 200, at=105)], 10, None),
         ([], 10, None),
+        # nothing measured, no estimate: no basis for a split
+        ([part(0, 0, 100)], None, None),
     ],
 )
-def test_choose_split(parts: list[Any], min_span: int, expected: tuple[int, int] | None) -> None:
-    assert choose_split(parts, min_span) == expected
+def test_choose_split(parts: list[Any], page_ms: int | None, expected: tuple[int, int] | None) -> None:
+    assert choose_split(parts, page_ms) == expected
+
+
+@pytest.mark.parametrize(
+    "pages_left, victim, thief, expected",
+    [
+        (1.0, 1, 1, None),  # one request left: nothing to share
+        (2.0, 1, 1, 1),
+        (1.5, 1, 1, 1),  # two requests (the second partial): one each
+        (9.0, 1, 1, 4),  # 4 + 5 pages
+        (3.0, 1, 10, 2),  # a fast thief takes the larger part
+        (3.0, 10, 1, None),  # a slow thief would finish after the victim alone
+        (10.0, 8, 5, 4),  # the query lane (5/window) helping a feed walk (8/window)
+    ],
+)
+def test_best_cut(pages_left: float, victim: float, thief: float, expected: int | None) -> None:
+    assert best_cut(pages_left, victim, thief) == expected
+
+
+@given(
+    st.floats(min_value=0.5, max_value=60),
+    st.floats(min_value=0.5, max_value=40),
+    st.floats(min_value=0.5, max_value=40),
+)
+def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: float, thief: float) -> None:
+    def finish(taken: int) -> float:
+        return max(taken / thief, math.ceil(pages_left - taken - 1e-9) / victim)
+
+    alone = math.ceil(pages_left - 1e-9) / victim
+    fastest = min([finish(k) for k in range(1, math.ceil(pages_left - 1e-9))], default=alone)
+    chosen = best_cut(pages_left, victim, thief)
+    if fastest < alone - 1e-9:
+        assert chosen is not None and finish(chosen) == pytest.approx(fastest)
+    else:
+        assert chosen is None
+
+
+@pytest.mark.parametrize(
+    "parts, thief, expected",
+    [
+        # a query-string walker (5/window) helping a feed walk (40 shared by 5: 8) takes 4 of 10 pages
+        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], QUERY, (0, 400)),
+        # an /events walker (10) takes more than half of a feed walk (8)
+        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], "events", (0, 600)),
+        # the victim is the walk that will take longest, not the longest span: a query walk
+        # of 600 ms (at 5) outlasts a feed walk of 1000 ms (at 10)
+        ([part(0, 0, 1000), part(1, 2000, 2600, source=QUERY)], "feed", (1, 2000 + 400)),
+    ],
+)
+def test_choose_split_sizes_the_parts_by_walker_speed(parts: list[Any], thief: str, expected: tuple[int, int]) -> None:
+    assert choose_split(parts, 100, thief=thief, rates=RATES) == expected
+
+
+@pytest.mark.parametrize(
+    "lanes, lane, joining, expected",
+    [
+        (["feed"] * 5, "feed", 0, 8.0),
+        (["feed"] * 2, "feed", 0, 10.0),  # one walker keeps ~one page in flight: 4 to fill the feed
+        (["feed"] * 4, "feed", 1, 8.0),
+        ([], "events", 1, 10.0),
+        (["events", "events"], "events", 0, 5.0),
+        ([], "nowhere", 1, 0.0),
+    ],
+)
+def test_walker_speed(lanes: list[str], lane: str, joining: int, expected: float) -> None:
+    parts = [part(i, 0, 1000, source=source) for i, source in enumerate(lanes)]
+    assert walker_speed(parts, lane, RATES, joining) == expected
 
 
 def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
@@ -111,34 +213,56 @@ def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
 @pytest.mark.parametrize(
     "walks, page, expected",
     [
-        ([(1000, 900, 10, False)], 10, 400),  # 100 ms walked for 10 rows: 4 pages of 10 = 400 ms
-        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 400),  # finished walks do not count
-        ([(1000, None, 0, False)], 10, NEVER),  # nothing measured yet
+        ([(1000, 900, 10, False)], 10, 100),  # 100 ms walked for 10 rows: a page of 10 = 100 ms
+        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 100),  # finished walks do not count
+        ([(1000, None, 0, False)], 10, None),  # nothing measured yet, no plan estimate
     ],
 )
-def test_min_split_span(walks: list[tuple[int, int | None, int, bool]], page: int, expected: int) -> None:
+def test_page_span_ms(walks: list[tuple[int, int | None, int, bool]], page: int, expected: int | None) -> None:
     parts = []
     for i, (upper, at, rows, done) in enumerate(walks):
         p = part(i, 0, upper, done=done, at=at)
         p.rows = rows
         parts.append(p)
-    assert min_split_span(parts, page) == expected
+    assert page_span_ms(parts, page) == expected
+
+
+def test_page_span_falls_back_on_the_plan_until_something_is_measured() -> None:
+    unmeasured = [part(0, 0, 1000)]
+    assert page_span_ms(unmeasured, 10, planned_ms_per_event=2.5) == 25
+    measured = [part(0, 0, 1000, at=900)]
+    measured[0].rows = 10
+    assert page_span_ms(measured, 10, planned_ms_per_event=2.5) == 100  # measured wins
 
 
 @pytest.mark.parametrize(
-    "walks, expected",
+    "total, newest, oldest, expected",
+    [(100, 1000, 0, 10.0), (None, 1000, 0, None), (0, 1000, 0, None), (100, None, 0, None), (100, 5, 5, None)],
+)
+def test_planned_ms_per_event(total: int | None, newest: int | None, oldest: int, expected: float | None) -> None:
+    assert planned_ms_per_event(total, newest, oldest) == expected
+
+
+@pytest.mark.parametrize(
+    "lanes, lane, expected",
     [
-        ([(0, None, False)], True),  # started, nothing committed
-        ([(1000, 900, False)], False),
-        ([(1000, 900, False), (0, None, True)], False),  # a finished one never counts
-        ([(0, 900, False)], True),
-        ([], False),
+        ([("feed", False)] * 4, "feed", False),  # four feed walkers keep its budget busy
+        ([("feed", False)] * 3 + [("feed", True)], "feed", True),
+        ([("feed", False)] * 4, "events", True),  # nobody walks /events
+        ([("events", False), ("feed", False)], "events", False),
+        ([("events", True)], "events", True),
+        ([], "events_query", True),
     ],
 )
-def test_progress_unknown(walks: list[tuple[int, int | None, bool]], expected: bool) -> None:
-    parts = []
-    for i, (rows, at, done) in enumerate(walks):
-        p = part(i, 0, 2000, done=done, at=at)
-        p.rows = rows
-        parts.append(p)
-    assert progress_unknown(parts) is expected
+def test_lane_needs_walker(lanes: list[tuple[str, bool]], lane: str, expected: bool) -> None:
+    parts = [part(i, 0, 1000, source=source, done=done) for i, (source, done) in enumerate(lanes)]
+    assert lane_needs_walker(parts, lane) is expected
+
+
+def test_progress_mark_changes_with_every_commit_finish_and_split() -> None:
+    parts = [part(0, 0, 1000, at=900), part(1, 1000, 2000)]
+    before = progress_mark(parts)
+    assert progress_mark([part(0, 0, 1000, at=900), part(1, 1000, 2000)]) == before
+    assert progress_mark([part(0, 0, 1000, at=800), part(1, 1000, 2000)]) != before  # a page committed
+    assert progress_mark([part(0, 0, 1000, at=900), part(1, 1000, 2000, done=True)]) != before
+    assert progress_mark([part(0, 500, 1000, at=900), part(1, 1000, 2000)]) != before  # split

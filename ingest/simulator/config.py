@@ -110,6 +110,7 @@ class SimulatorConfig:
     # Limits
     rate_limits: bool = True
     events_limit: int = 10
+    query_auth: bool = True  # ?api_key= is accepted (off: such a request gets the missing-key 401)
     query_auth_limit: int = 5
     query_auth_separate_bucket: bool = True
     rate_window: float = 60.0

@@ -296,7 +296,7 @@ class SimulatorApp:
         """(key, came from ?api_key=) or the 401. A key's validity runs from its first call."""
         key = req.headers.get("X-API-Key")
         via_query = False
-        if not key and "api_key" in req.query:
+        if not key and self.config.query_auth and "api_key" in req.query:
             key, via_query = req.query["api_key"], True
         if not key or key not in self.keys:
             return self.error(401, "UNAUTHORIZED", "Missing or invalid API key",

@@ -241,7 +241,7 @@ def test_a_fresh_token_that_expires_in_flight_is_renewed_not_fatal() -> None:
     stream token was refused too". Only a token refused while still valid proves that."""
     now = [1_800_000_000.0]
     config = Config(api_url="http://api.test/api/v1", api_key="ds_" + "d" * 32, request_timeout=5, max_attempts=4)
-    client = ApiClient(config, None, None, clock=lambda: now[0], sleep_until_or_stop=lambda deadline: False)
+    client = ApiClient(config, None, clock=lambda: now[0], sleep_until_or_stop=lambda deadline: False)
     feed = "http://api.test/api/v1/events/d4ta/x7k9/feed"
     page = {"data": [{"id": "e1", "timestamp": 1769541612369}],
             "pagination": {"hasMore": True, "cursorExpiresIn": 116,

@@ -192,7 +192,7 @@ def test_a_sequence_number_sealed_before_a_crash_is_never_reused(
     checkpoint.write(config.state_path, plan)
 
     def fetch(config: Config) -> None:
-        client = ApiClient(config, None, None, should_stop=lambda: False)
+        client = ApiClient(config, None, should_stop=lambda: False)
         state = checkpoint.read(config.state_path)
         assert state is not None
         ctx = FetchContext(config, state.generation, client, store, lambda: False, lambda s: False)

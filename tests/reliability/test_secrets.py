@@ -132,7 +132,7 @@ def test_an_older_token_echoed_in_a_fatal_message_is_masked() -> None:
     the fetcher's tokens: the client must mask every token it held, not only the current."""
     key, old, new = "ds_" + "c" * 32, secrets.token_hex(32), secrets.token_hex(32)
     config = Config(api_url=HOST + "/api/v1", api_key=key, page_limit=100, max_attempts=3, request_timeout=5)
-    client = ApiClient(config, None, None)
+    client = ApiClient(config)
     with responses.RequestsMock(assert_all_requests_are_fired=True) as mocked:
         for token in (old, new):
             mocked.post(STREAM_ACCESS, json={"streamAccess": {"token": token, "expiresIn": 300}})

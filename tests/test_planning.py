@@ -1,0 +1,58 @@
+"""The planning probes against the simulator: the oldest-event estimate that sizes the
+partitions, for every source mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.api import ApiClient
+from ingest.config import Config
+from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.supervisor import make_plan
+
+TIME_START = 1766946793000  # the simulator's oldest event
+
+
+def pages_asked(client: ApiClient) -> int:
+    return client.stats["requests"] - client.stats["token_refreshes"]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Any]:
+    # Enough events that the first probe (1,000 events) sits inside the ramp at the newest end.
+    simulator = start_simulator(SimulatorConfig(events=300_000, latency="none", rate_limits=False, chaos="none"))
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+@pytest.mark.parametrize("source", ["auto", "events"])
+def test_the_plan_estimates_the_oldest_event_from_inside_the_data(sim: Any, data_dir: Path, source: str) -> None:
+    config = Config(api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, source=source, rate_window=0.01)
+    client = ApiClient(config)
+    try:
+        plan = make_plan(config, client)
+    finally:
+        client.close()
+    assert plan.newest_ms is not None and plan.oldest_ms is not None
+    span = plan.newest_ms - TIME_START
+    assert abs(plan.oldest_ms - TIME_START) < 0.15 * span, "within 15% of the real time range"
+    assert pages_asked(client) == 2, "two small probes"
+    assert plan.partitions[0].upper_ms == plan.newest_ms + 1 and plan.partitions[-1].lower_ms == 0
+
+
+def test_a_source_that_fits_in_one_probe_needs_no_second(data_dir: Path) -> None:
+    small = start_simulator(SimulatorConfig(events=500, latency="none", rate_limits=False, chaos="none"))
+    try:
+        config = Config(api_url=small.base_url, api_key=small.api_key, data_dir=data_dir, rate_window=0.01)
+        client = ApiClient(config)
+        plan = make_plan(config, client)
+        assert pages_asked(client) == 1
+        assert plan.partitions[-1].lower_ms == 0 and plan.partitions[0].upper_ms == plan.newest_ms + 1
+    finally:
+        small.stop()
