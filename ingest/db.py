@@ -119,6 +119,17 @@ def _pg_system_user() -> str | None:
 # ---------------------------------------------------------------------------------------
 # Schema (DESIGN.md section 3). Idempotent.
 
+def reject_key(raw: str) -> str:
+    """SQL for the identity of a reject whose text is the column `raw`: a hash of the text
+    with every "timestamp" value blanked out. The API writes an event's timestamp as a
+    number or as an ISO string by its place in the page, so the same unstorable event
+    fetched twice (walks that overlap, a cursor re-positioned after expiry) can come back
+    in two forms, and must still be stored once. (Two unstorable events that differ in
+    nothing but their timestamps count as one.)"""
+    pattern = r'''"timestamp":("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*)'''
+    return f"md5(regexp_replace({raw}, '{pattern}', '\"timestamp\":_', 'g'))"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {events} (
     id text PRIMARY KEY,
@@ -146,7 +157,7 @@ CREATE TABLE IF NOT EXISTS ingest_rejects (
     raw text,
     rejected_at timestamptz
 );
-CREATE INDEX IF NOT EXISTS ingest_rejects_raw_md5 ON ingest_rejects (md5(raw));
+CREATE INDEX IF NOT EXISTS ingest_rejects_key ON ingest_rejects ({reject_key});
 """
 
 
@@ -154,7 +165,7 @@ def ensure_schema(conn: psycopg2.extensions.connection, table: str) -> None:
     with conn.cursor() as cur:
         # Serialise concurrent CREATE IF NOT EXISTS (two processes can otherwise race).
         cur.execute("SELECT pg_advisory_xact_lock(7243001)")
-        cur.execute(sql.SQL(SCHEMA).format(events=sql.Identifier(table)))
+        cur.execute(sql.SQL(SCHEMA).format(events=sql.Identifier(table), reject_key=sql.SQL(reject_key("raw"))))
     conn.commit()
 
 

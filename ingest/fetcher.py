@@ -28,7 +28,7 @@ from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
 from ingest.logs import configure_logging
 from ingest.normalise import normalise_page
 from ingest.pacing import SharedRateLimiter
-from ingest.plan import choose_split, lane_needs_walker, page_span_ms, planned_ms_per_event, progress_mark
+from ingest.plan import plan_steal, progress_mark
 from ingest.segments import SegmentStore, SegmentWriter
 from ingest.stats import ClientStatsPublisher, SharedCounters
 
@@ -106,21 +106,16 @@ def skip_sequence(state_path: Path, part: PartitionState) -> PartitionState:
 
 
 def steal(state_path: Path, source: str, page_limit: int, rates: dict[str, float]) -> PartitionState | None:
-    """Take the lower half of the slowest unfinished partition as a new partition walked
-    on this fetcher's lane, `source` (its own checkpoint entry), when that lane has budget
-    no walker uses (`lane_needs_walker`). An estimate of the time range that was off, or a
-    lane slower than planned, so never leaves a budget idle while another walk still has
-    pages to go. Correct whatever the victim is doing:
-    it reads its new lower bound after each page, and what it fetched below the cut
-    before noticing is fetched again here, absorbed by the primary key."""
+    """Take the lower part of the slowest unfinished partition (see `plan_steal`) as a new
+    partition walked on this fetcher's lane, `source` (its own checkpoint entry). An
+    estimate of the time range that was off, or a lane slower than planned, so never
+    leaves a budget idle while another walk still has pages to go. Correct whatever the
+    victim is doing: it reads its new lower bound after each page, and what it fetched
+    below the cut before noticing is fetched again here, absorbed by the primary key."""
     with checkpoint.locked(state_path):
         state = checkpoint.read(state_path)
-        if state is None or not lane_needs_walker(state.partitions, source):
-            return None
-        density = planned_ms_per_event(state.total, state.newest_ms, state.oldest_ms)
-        page_ms = page_span_ms(state.partitions, page_limit, density)
-        choice = choose_split(state.partitions, page_ms, state.oldest_ms or 0, source, rates)
-        if choice is None:
+        choice = plan_steal(state, source, page_limit, rates) if state is not None else None
+        if state is None or choice is None:
             return None
         index, cut = choice
         victim = state.partitions[index]
@@ -185,6 +180,13 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             if ctx.should_stop():
                 raise Stopped()
             page = ctx.client.fetch_page(part.source, cursor, since=since, until=until, limit=config.page_limit)
+            # Split by another fetcher while the page was on its way? Then what the page holds
+            # below the new bound is the thief's to store (twice stored, an unstorable event
+            # could become two rejects: its timestamp's form follows its place in the page).
+            lower = current_lower(config.state_path, part)
+            if lower != part.lower_ms:
+                part.lower_ms = lower
+                since, until = request_window(part)
             rows = normalise_page(page.events, window=(part.lower_ms, part.upper_ms))
             if rows.rows:
                 writer.append(rows.data, rows.rows)
@@ -192,10 +194,6 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             unsealed_rows += rows.rows
             unsealed_pages += 1
             ctx.on_page(rows.rows)
-            lower = current_lower(config.state_path, part)
-            if lower != part.lower_ms:  # split by another fetcher: stop at the new bound
-                part.lower_ms = lower
-                since, until = request_window(part)
             if partition_finished(page, part.lower_ms):
                 commit(done=True)
                 return True

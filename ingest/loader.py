@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,7 +34,7 @@ from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
 from ingest.stats import SharedCounters
 from ingest.tsv import COLUMNS, encode_row
 
-READ_SIZE = 4 << 20  # bytes per COPY chunk
+READ_SIZE = 1 << 20  # bytes per read of a segment: a load holds a few such chunks, never the segment
 POLL_INTERVAL = 0.05  # seconds between looks at an empty ready/
 TEMP_BUFFERS = "64MB"  # keeps a large segment's staging table in memory
 
@@ -51,15 +51,17 @@ INSERT_EVENTS = sql.SQL(
     " SELECT id, occurred_at, type, name, user_id, session_id, payload, now() FROM staging"
     " WHERE " + STORABLE + " ON CONFLICT (id) DO NOTHING"
 )
-# A reject seen again (re-fetched after a crash, or by two overlapping partitions) is
-# stored once: the same raw text already recorded by another segment is skipped.
+# A reject seen again (re-fetched after a crash, by two overlapping partitions, in another
+# timestamp form: see `db.reject_key`) is stored once.
 INSERT_REJECTS = (
     "INSERT INTO ingest_rejects (segment_id, reason, raw, rejected_at)"
-    " SELECT %(segment)s, coalesce(reject_reason, 'segment line without id, occurred_at or payload'), s.raw, now()"
-    " FROM (SELECT reject_reason, coalesce(raw, payload::text, id) AS raw FROM staging"
-    "       WHERE NOT (" + STORABLE + ")) s"
+    " SELECT DISTINCT ON (s.key) %(segment)s, s.reason, s.raw, now()"
+    " FROM (SELECT coalesce(reject_reason, 'segment line without id, occurred_at or payload') AS reason, raw,"
+    "              " + db.reject_key("raw") + " AS key"
+    "       FROM (SELECT reject_reason, coalesce(raw, payload::text, id) AS raw FROM staging"
+    "             WHERE NOT (" + STORABLE + ")) lines) s"
     " WHERE NOT EXISTS (SELECT 1 FROM ingest_rejects r"
-    "                   WHERE md5(r.raw) = md5(s.raw) AND r.raw = s.raw AND r.segment_id <> %(segment)s)"
+    "                   WHERE " + db.reject_key("r.raw") + " = s.key AND r.segment_id <> %(segment)s)"
 )
 _COPY_LINE = re.compile(r"\bCOPY \w+, line (\d+)")
 _COPY_COLUMN = re.compile(r"\bcolumn (\w+)")
@@ -106,8 +108,43 @@ def split_lines(data: bytes) -> list[bytes]:
     return [p + b"\n" for p in pieces] + ([tail] if tail else [])
 
 
-def _copy(cur: psycopg2.extensions.cursor, source: BinaryIO) -> None:
-    cur.copy_expert(COPY_STAGING, source, size=READ_SIZE)
+def whole_lines(source: BinaryIO, size: int) -> Iterator[bytes]:
+    """The file in reads of about `size` bytes, each completed to the end of its line, so
+    that no line, and so no line ending the fast path looks for, is split between two
+    chunks. Memory is bounded by the read size, not by the segment's."""
+    while chunk := source.read(size):
+        if not chunk.endswith(b"\n"):
+            chunk += source.readline()
+        yield chunk
+
+
+class _Chunks:
+    """The file-like object `copy_expert` reads. It only ever calls read(), and sends
+    whatever each call returns, so a chunk need not match the size it asks for."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self.error: Exception | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return next(self._chunks, b"")
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+def _copy(cur: psycopg2.extensions.cursor, statement: str, chunks: Iterable[bytes]) -> None:
+    """COPY ... FROM STDIN fed with `chunks`. copy_expert reports an exception raised while
+    reading as a server error (query_canceled, which `db.is_transient` would retry for as
+    long as the database may be down): a segment that cannot be read fails as itself."""
+    source = _Chunks(chunks)
+    try:
+        cur.copy_expert(statement, source)
+    except psycopg2.OperationalError:
+        if source.error is not None:
+            raise source.error from None
+        raise
 
 
 # Every event row ends so (no reject reason, no raw text); a raw tab only separates fields.
@@ -117,23 +154,33 @@ COPY_DIRECT = sql.SQL(
 )
 
 
-def direct_rows(data: bytes, ingested_at: bytes) -> bytes | None:
-    """The fast path's input: the segment as rows of the events table itself (its event
-    columns, then `ingested_at`), or None when any line is a reject row. Two counts and one
-    replace over the buffer, all in C: no per-row Python."""
-    lines = data.count(b"\n")
-    if not lines or not data.endswith(b"\n") or data.count(EVENT_LINE_END) != lines:
-        return None
-    return data.replace(EVENT_LINE_END, b"\t" + ingested_at + b"\n")
+def event_rows_only(chunk: bytes) -> bool:
+    """Whether the fast path can take every line of `chunk` (whole lines): none is a reject
+    row. Two counts in C, no per-row Python; exact because EVENT_LINE_END ends with the
+    only newline it holds, so each line ending matches at most once."""
+    return chunk.endswith(b"\n") and chunk.count(b"\n") == chunk.count(EVENT_LINE_END)
 
 
-def _copy_direct(cur: psycopg2.extensions.cursor, table: str, data: bytes) -> int | None:
+def direct_rows(chunk: bytes, ingested_at: bytes) -> bytes:
+    """Event rows (whole lines, see `event_rows_only`) as rows of the events table itself:
+    their event columns, then `ingested_at`. One replace in C."""
+    return chunk.replace(EVENT_LINE_END, b"\t" + ingested_at + b"\n")
+
+
+def _only_event_rows_in(path: Path) -> bool:
+    with path.open("rb") as source:
+        return all(event_rows_only(chunk) for chunk in whole_lines(source, READ_SIZE))
+
+
+def _copy_direct(cur: psycopg2.extensions.cursor, table: str, path: Path, ingested_at: bytes) -> int | None:
     """COPY straight into the events table, inside a savepoint. None (savepoint rolled
     back) when an id is already there or a line is refused: the staging path, which absorbs
     duplicates and isolates bad lines, then takes over in the same transaction."""
     cur.execute("SAVEPOINT direct")
     try:
-        cur.copy_expert(COPY_DIRECT.format(table=sql.Identifier(table)).as_string(cur), io.BytesIO(data), size=READ_SIZE)
+        with path.open("rb") as source:
+            rows = (direct_rows(chunk, ingested_at) for chunk in whole_lines(source, READ_SIZE))
+            _copy(cur, COPY_DIRECT.format(table=sql.Identifier(table)).as_string(cur), rows)
     except (psycopg2.IntegrityError, psycopg2.DataError):
         cur.execute("ROLLBACK TO SAVEPOINT direct")
         return None
@@ -145,8 +192,11 @@ def _copy_direct(cur: psycopg2.extensions.cursor, table: str, data: bytes) -> in
 def _transaction(
     conn: psycopg2.extensions.connection, path: Path, segment_id: str, table: str, source: BinaryIO | None
 ) -> LoadResult | psycopg2.DataError:
-    """Ledger row, staging, COPY, insert, rejects, counts, commit. A COPY data error is
-    returned (after rollback) for the caller to cut the line out; anything else raises."""
+    """Ledger row, staging, COPY, insert, rejects, counts, commit. `source` replaces the
+    file once lines have been cut out of it; the fast path is only for the file as sealed,
+    read twice (check, then COPY) so that neither pass holds more than a chunk. A COPY data
+    error is returned (after rollback) for the caller to cut the line out; anything else
+    raises."""
     size = path.stat().st_size
     with conn.cursor() as cur:
         cur.execute(
@@ -157,16 +207,16 @@ def _transaction(
         if row is None:
             conn.rollback()
             return LoadResult(segment_id, 0, 0, 0, 0, size, skipped=True)
-        data = path.read_bytes() if source is None else None
-        direct = direct_rows(data, row[0].encode()) if data is not None else None
-        loaded = _copy_direct(cur, table, direct) if direct is not None else None
+        direct = source is None and _only_event_rows_in(path)
+        loaded = _copy_direct(cur, table, path, row[0].encode()) if direct else None
         if loaded is not None:
             rows = inserted = loaded
             rejected = 0
         else:
             cur.execute(STAGING_DDL)
             try:
-                _copy(cur, source if source is not None else io.BytesIO(data or b""))
+                with path.open("rb") if source is None else source as staged:
+                    _copy(cur, COPY_STAGING, whole_lines(staged, READ_SIZE))
             except psycopg2.DataError as exc:
                 conn.rollback()
                 return exc
@@ -225,7 +275,7 @@ def load_segment(conn: psycopg2.extensions.connection, path: Path, segment_id: s
 def _probe(cur: psycopg2.extensions.cursor, lines: list[bytes]) -> psycopg2.DataError | None:
     cur.execute("SAVEPOINT probe")
     try:
-        _copy(cur, io.BytesIO(b"".join(lines)))
+        _copy(cur, COPY_STAGING, [b"".join(lines)])
     except psycopg2.DataError as exc:
         return exc
     finally:

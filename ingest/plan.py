@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from ingest.checkpoint import PartitionState
+from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.cursors import decode_cursor
 
 # The lanes a source mode walks, newest windows first: the fastest lane gets the oldest
@@ -30,9 +30,13 @@ MODE_LANES = {
 }
 WALKER_ORDER = ("feed", "events", "feed", "feed", "events_query", "feed", "events", "feed")
 LANE_NEED = {"feed": 4, "events": 1, "events_query": 1}  # walkers that keep each budget busy
+# A piece of k pages is cut a little short: the density varies along the way, and a piece
+# that overflows its k pages by a few events costs a whole request more.
+PIECE_FILL = 0.8
+COMMIT_LAG_PAGES = 1  # pages a walk may be ahead of its committed cursor (a segment seals every 2 s)
 
 
-PROBE_DEPTH = 10  # the second probe looks this many first-probe spans below the newest event
+PROBE_DEPTH = 30  # the second probe looks this many first-probe spans below the newest event
 
 
 def estimate_oldest(newest_ms: int, sample: tuple[int, int, int], total: int | None) -> int:
@@ -140,20 +144,26 @@ def choose_split(
     def speed(lane: str, joining: int = 0) -> float:
         return max(walker_speed(parts, lane, rates, joining), 1e-9) if rates else 1.0
 
+    def position(part: PartitionState) -> int:
+        """Where the walk may be by now: its committed position lags behind by what its
+        open segment holds. A cut above where it really is would have the thief fetch
+        again what the victim has already stored."""
+        return walked_to(part) - (COMMIT_LAG_PAGES * page_ms if part.cursor else 0)
+
     best: tuple[float, int, int, str] | None = None  # (time alone, index, lower bound, lane)
     for part in parts:
         if part.done:
             continue
         lower = max(part.lower_ms, oldest_ms)
-        alone = math.ceil((walked_to(part) - lower) / page_ms - 1e-9) / speed(part.source)
+        alone = math.ceil((position(part) - lower) / page_ms - 1e-9) / speed(part.source)
         if alone > 0 and (best is None or alone > best[0]):
             best = (alone, part.index, lower, part.source)
     if best is None:
         return None
     _, index, lower, lane = best
-    pages_left = (walked_to(parts[index]) - lower) / page_ms
+    pages_left = (position(parts[index]) - lower) / page_ms
     taken = best_cut(pages_left, speed(lane), speed(thief, joining=1) if thief is not None else speed(lane))
-    return None if taken is None else (index, lower + taken * page_ms)
+    return None if taken is None else (index, lower + int(taken * page_ms * PIECE_FILL))
 
 
 def lane_needs_walker(parts: list[PartitionState], lane: str) -> bool:
@@ -170,16 +180,42 @@ def progress_mark(parts: list[PartitionState]) -> tuple[tuple[int, str | None, i
     return tuple((p.index, p.cursor, p.lower_ms, p.done) for p in parts)
 
 
-def page_span_ms(parts: list[PartitionState], page_limit: int, planned_ms_per_event: float | None = None) -> int | None:
-    """The time one page of events covers: at the density the unfinished walks measured so
-    far, or before anything is measured the plan's estimate (neither: None)."""
+def measured_ms_per_event(parts: list[PartitionState], planned: float | None = None) -> float | None:
+    """Time per event at the density the unfinished walks measured so far, or before
+    anything is measured the plan's estimate `planned` (neither: None)."""
     walking = [p for p in parts if not p.done]
     walked_ms = sum(max(0, p.upper_ms - walked_to(p)) for p in walking)
     rows = sum(p.rows for p in walking)
-    ms_per_event = walked_ms / rows if rows > 0 and walked_ms > 0 else planned_ms_per_event
-    if not ms_per_event:
+    return walked_ms / rows if rows > 0 and walked_ms > 0 else planned
+
+
+def revised_oldest(parts: list[PartitionState], total: int | None, oldest_ms: int, ms_per_event: float | None) -> int:
+    """The plan's estimate of the oldest event, corrected once a walk has gone below it
+    (the estimate was too new): from that walk down, room for the events the API reported
+    that no walk has fetched yet and no other walk has still ahead of it."""
+    walking = [p for p in parts if not p.done]
+    below = [p for p in walking if walked_to(p) <= oldest_ms]
+    if not total or not ms_per_event or not below:
+        return oldest_ms
+    bottom = min(below, key=walked_to)
+    ahead = sum(max(0, walked_to(p) - max(p.lower_ms, oldest_ms)) for p in walking if p is not bottom) / ms_per_event
+    left = max(0.0, total - sum(p.rows for p in parts) - ahead)
+    return max(0, int(walked_to(bottom) - left * ms_per_event))
+
+
+def plan_steal(state: Checkpoint, thief: str, page_limit: int, rates: dict[str, float]) -> tuple[int, int] | None:
+    """What a fetcher of lane `thief` with no walk of its own should take over: `choose_split`
+    with the densities and bounds known so far, or None (its lane's budget is in use, or
+    nothing is worth a split)."""
+    parts = state.partitions
+    if not lane_needs_walker(parts, thief):
         return None
-    return max(1, int(page_limit * ms_per_event))
+    planned = planned_ms_per_event(state.total, state.newest_ms, state.oldest_ms)
+    density = measured_ms_per_event(parts, planned)
+    if not density:
+        return None
+    oldest = revised_oldest(parts, state.total, state.oldest_ms or 0, density)
+    return choose_split(parts, max(1, int(page_limit * density)), oldest, thief, rates)
 
 
 def planned_ms_per_event(total: int | None, newest_ms: int | None, oldest_ms: int | None) -> float | None:

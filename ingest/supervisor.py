@@ -43,7 +43,11 @@ EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TICK_S = 0.2
 DRAIN_GRACE_S = 30.0
 FATAL_EXIT = {"fetcher": FETCHER_FATAL, "loader": LOADER_FATAL}  # exit codes that no restart can help
-PROBE_LIMIT = 1000  # events in the planning probe: enough for a density estimate, quick to serve
+# Events in the first planning probe (quick to serve: it only finds the newest event and
+# how far to look for the second) and in the density sample (a full page: sessions cluster
+# events, so a small sample can be off by half; 5,000 events by about a tenth).
+PROBE_LIMIT = 1000
+SAMPLE_LIMIT = 5000
 ORPHAN_GRACE_S = 30.0  # on top of the request timeout: how long orphans of a killed run may take to exit
 
 
@@ -99,10 +103,10 @@ def sample_of(page: Page) -> tuple[int, int, int] | None:
 
 
 def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page, limit: int) -> int:
-    """The oldest event's time, from a second small page taken well inside the data (see
-    `estimate_oldest`; positioned by `until` on the feed, by a forged cursor on /events).
-    A plan from a wrong estimate still covers everything, but leaves lanes idle or
-    overloaded until work stealing evens them out, each split costing a partial page."""
+    """The oldest event's time, from a second page (`limit` events) taken well inside the
+    data (see `estimate_oldest`; positioned by `until` on the feed, by a forged cursor on
+    /events). A plan from a wrong estimate still covers everything, but leaves lanes idle
+    or overloaded until work stealing evens them out."""
     first = sample_of(probe)
     if first is None:  # one page holds everything (or nothing measurable): no need to guess
         return newest
@@ -142,7 +146,7 @@ def make_plan(config: Config, client: ApiClient) -> Checkpoint:
         for part in plan.partitions:
             part.done = not probe.events
         return plan
-    oldest = estimate_from_samples(client, mode, newest, probe, limit)
+    oldest = estimate_from_samples(client, mode, newest, probe, min(config.page_limit, SAMPLE_LIMIT))
     lanes = choose_lanes(mode, config.partitions, lane_rates(config))
     plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest, oldest_ms=oldest)
     plan.partitions = split_range(oldest, newest + 1, lanes)

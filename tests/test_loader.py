@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import multiprocessing
 import os
 import signal
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,13 +19,20 @@ import orjson
 import psycopg2
 import psycopg2.extensions
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from loguru import logger
 
 import ingest.loader as loader_module
 from ingest import db
 from ingest.config import Config
 from ingest.loader import (
+    COPY_STAGING,
+    EVENT_LINE_END,
+    STAGING_DDL,
     LoadResult,
+    direct_rows,
+    event_rows_only,
     find_first_bad_line,
     load_ready,
     load_segment,
@@ -30,6 +40,7 @@ from ingest.loader import (
     loader_process,
     retry_delay,
     split_lines,
+    whole_lines,
 )
 from ingest.normalise import normalise_page
 from ingest.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
@@ -160,6 +171,23 @@ def test_load_segment_stores_rows_rejects_and_ledger(store: SegmentStore, conn: 
     assert orjson.loads(rejects[1][2]) == {"id": "bad-ts", "timestamp": "soon"}
 
 
+def test_an_unstorable_event_seen_in_two_timestamp_forms_is_one_reject(
+    store: SegmentStore, conn: psycopg2.extensions.connection
+) -> None:
+    # The API writes a timestamp as a number or an ISO string by the event's place in the
+    # page: overlapping walks can fetch one unstorable event in both forms, even within one
+    # segment. A different event is another reject.
+    as_number = {"name": "nul\u0000", "timestamp": 1769541553629, "properties": {"n": 1}}
+    as_text = {**as_number, "timestamp": "2026-01-27T19:19:13.629Z"}
+    later = {**as_number, "timestamp": "2026-01-27T19:19:14.000Z", "name": "other\u0000"}
+    first = seal(store, 1, [api_event(1), as_number, as_text])
+    second = seal(store, 2, [as_text, later, api_event(2)])
+    assert load_segment(conn, first, id_of(first), TABLE).rejected == 1
+    assert load_segment(conn, second, id_of(second), TABLE).rejected == 1
+    reasons = sorted(r[0] for r in query(conn, "SELECT reason FROM ingest_rejects"))
+    assert reasons == ["missing id", "missing id"]
+
+
 def test_same_segment_loaded_twice_changes_nothing(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
     path = seal(store, 1, [api_event(n) for n in range(500)])
     first = load_segment(conn, path, id_of(path), TABLE)
@@ -183,16 +211,51 @@ def test_overlapping_segments_count_duplicates(store: SegmentStore, conn: psycop
 
 
 @pytest.mark.parametrize(
-    "data, expected",
+    ("data", "size", "chunks"),
     [
-        (b"a\tb\t\\N\t\\N\nc\td\t\\N\t\\N\n", b"a\tb\tNOW\nc\td\tNOW\n"),
-        (b"a\tb\t\\N\t\\N\n\\N\t\\N\tmissing id\t{}\n", None),  # a reject row: staging
-        (b"a\tb\t\\N\t\\N", None),  # no final newline: not a sealed segment's shape
-        (b"", None),
+        (b"", 4, []),
+        (b"ab\ncd\n", 3, [b"ab\n", b"cd\n"]),  # a read ending at a line's end is kept as read
+        (b"ab\ncd\nef\n", 4, [b"ab\ncd\n", b"ef\n"]),  # one ending mid-line is completed
+        (b"abcdefgh\nij\n", 2, [b"abcdefgh\n", b"ij\n"]),  # a line longer than a read
+        (b"ab\ncd", 4, [b"ab\ncd"]),  # a last line without newline comes as it is
+        (b"ab\ncd", 3, [b"ab\n", b"cd"]),
     ],
 )
-def test_direct_rows(data: bytes, expected: bytes | None) -> None:
-    assert loader_module.direct_rows(data, b"NOW") == expected
+def test_whole_lines(data: bytes, size: int, chunks: list[bytes]) -> None:
+    assert list(whole_lines(io.BytesIO(data), size)) == chunks
+
+
+@pytest.mark.parametrize(
+    ("chunk", "only_events"),
+    [
+        (b"a\tb\t\\N\t\\N\nc\td\t\\N\t\\N\n", True),
+        (b"a\tb\t\\N\t\\N\n\\N\t\\N\tmissing id\t{}\n", False),  # a reject row: staging
+        (b"a\tb\t\\N\t\\N", False),  # no final newline: not a sealed segment's shape
+        (b"a\tb\t\\N\t\\N\n\n", False),  # an empty line
+        (b"", False),
+    ],
+)
+def test_event_rows_only(chunk: bytes, only_events: bool) -> None:
+    assert event_rows_only(chunk) is only_events
+
+
+def test_direct_rows_end_each_row_with_ingested_at() -> None:
+    assert direct_rows(b"a\tb\t\\N\t\\N\nc\td\t\\N\t\\N\n", b"NOW") == b"a\tb\tNOW\nc\td\tNOW\n"
+
+
+segment_bytes = st.lists(st.sampled_from([b"a", b"\t", b"\\", b"N", b"\\N", b"\n", EVENT_LINE_END])).map(b"".join)
+
+
+@given(segment_bytes.filter(bool), st.integers(min_value=1, max_value=24))
+def test_streaming_in_chunks_decides_and_rewrites_as_the_whole_segment_would(data: bytes, size: int) -> None:
+    """Chunked, the fast path takes exactly the segments it took whole, and COPY gets the
+    same bytes: whatever the read size, and wherever reads cut a line or a line ending."""
+    chunks = list(whole_lines(io.BytesIO(data), size))
+    assert b"".join(chunks) == data
+    assert all(chunk.endswith(b"\n") for chunk in chunks[:-1])
+    whole = data.endswith(b"\n") and data.count(b"\n") == data.count(EVENT_LINE_END)
+    assert all(event_rows_only(chunk) for chunk in chunks) is whole
+    assert b"".join(direct_rows(chunk, b"NOW") for chunk in chunks) == direct_rows(data, b"NOW")
 
 
 def spy_direct(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
@@ -226,18 +289,123 @@ def test_clean_segment_takes_the_direct_path(
     assert same and stamped, "payload as sent; ingested_at is the loading transaction's time"
 
 
+@pytest.mark.parametrize("read_size", [None, 4096])
 def test_a_colliding_id_falls_back_to_staging_in_the_same_transaction(
-    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch, read_size: int | None
 ) -> None:
     outcomes = spy_direct(monkeypatch)
+    if read_size is not None:  # many chunks: the collision comes after COPY took several
+        monkeypatch.setattr(loader_module, "READ_SIZE", read_size)
     a = seal(store, 1, [api_event(n) for n in range(300)])
-    b = seal(store, 2, [api_event(n) for n in range(299, 600)])  # one id already loaded
+    b = seal(store, 2, [api_event(n) for n in range(300, 600)] + [api_event(299)])  # the last id is already loaded
     load_segment(conn, a, id_of(a), TABLE)
     result = load_segment(conn, b, id_of(b), TABLE)
     assert outcomes == [300, None]
     assert (result.rows, result.inserted, result.duplicates) == (301, 300, 1)
     assert_exactly(conn, {f"e-{n:08d}" for n in range(600)})
     assert ledger(conn)[id_of(b)][:3] == (301, 300, 1)
+
+
+def read_size_cutting_a_line_end(path: Path) -> int:
+    """A read size whose first read ends inside the third line's EVENT_LINE_END."""
+    data = path.read_bytes()
+    third_newline = len(b"\n".join(data.split(b"\n", 3)[:3]))
+    return third_newline - 2
+
+
+def table_dump(conn: psycopg2.extensions.connection, table: str) -> bytes:
+    """Every stored row but ingested_at, as COPY writes it: equal dumps, equal rows."""
+    out = io.BytesIO()
+    with conn.cursor() as cur:
+        cur.copy_expert(
+            f"COPY (SELECT id, occurred_at, type, name, user_id, session_id, payload FROM {table} ORDER BY id) TO STDOUT",
+            out,
+        )
+    conn.rollback()
+    return out.getvalue()
+
+
+def test_a_segment_of_many_chunks_loads_through_the_direct_path_unchanged(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = spy_direct(monkeypatch)
+    path = seal(store, 1, [api_event(n) for n in range(700)])
+    monkeypatch.setattr(loader_module, "READ_SIZE", read_size_cutting_a_line_end(path))
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert outcomes == [700]
+    assert (result.rows, result.inserted, result.duplicates, result.rejected) == (700, 700, 0, 0)
+    with conn.cursor() as cur:  # the same segment given to COPY whole, as one buffer
+        cur.execute(f"CREATE TABLE reference (LIKE {TABLE})")
+        cur.copy_expert(
+            "COPY reference (id, occurred_at, type, name, user_id, session_id, payload, ingested_at) FROM STDIN",
+            io.BytesIO(direct_rows(path.read_bytes(), b"now")),
+        )
+    conn.commit()
+    assert table_dump(conn, TABLE) == table_dump(conn, "reference")
+    assert count(conn, TABLE) == 700
+
+
+def test_a_reject_row_after_the_first_chunk_sends_the_segment_to_staging(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = spy_direct(monkeypatch)
+    monkeypatch.setattr(loader_module, "READ_SIZE", 4096)
+    events = [api_event(n) for n in range(700)]
+    path = seal(store, 1, [*events[:500], {"timestamp": BASE_MS}, *events[500:]])
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert outcomes == []  # decided before any COPY: no event row goes in twice
+    assert (result.rows, result.inserted, result.duplicates, result.rejected) == (701, 700, 0, 1)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(700)})
+    assert query(conn, "SELECT reason FROM ingest_rejects") == [("missing id",)]
+
+
+def test_a_line_refused_after_the_first_chunk_falls_back_and_is_cut_out(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = spy_direct(monkeypatch)
+    monkeypatch.setattr(loader_module, "READ_SIZE", 4096)
+    path = seal(store, 1, [api_event(n) for n in range(700)])
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[600] = bad_line("timestamp", 600)  # an event row's shape: only COPY can refuse it
+    path.write_bytes(b"".join(lines))
+    result = load_segment(conn, path, id_of(path), TABLE)
+    assert outcomes == [None]
+    assert (result.rows, result.inserted, result.duplicates, result.rejected) == (700, 699, 0, 1)
+    assert_exactly(conn, {f"e-{n:08d}" for n in range(700)} - {"e-00000600"})
+
+
+def test_a_read_error_during_copy_is_raised_as_itself(conn: psycopg2.extensions.connection) -> None:
+    """Not as the query_canceled copy_expert turns it into, which would be retried as a
+    database outage."""
+
+    def failing() -> Iterator[bytes]:
+        yield normalise_page([api_event(1)]).data
+        raise OSError(errno.EIO, "Input/output error")
+
+    with conn.cursor() as cur:
+        cur.execute(STAGING_DDL)
+        with pytest.raises(OSError, match="Input/output error"):
+            loader_module._copy(cur, COPY_STAGING, failing())
+    conn.rollback()
+
+
+@pytest.mark.parametrize("reject", [False, True], ids=["direct", "staging"])
+def test_a_load_holds_a_few_chunks_never_the_segment(
+    store: SegmentStore, conn: psycopg2.extensions.connection, monkeypatch: pytest.MonkeyPatch, reject: bool
+) -> None:
+    read_size = 1 << 17
+    monkeypatch.setattr(loader_module, "READ_SIZE", read_size)
+    events: list[Any] = [api_event(n) for n in range(12_000)]
+    path = seal(store, 1, events + [{"no": "id"}] * reject)
+    assert path.stat().st_size > 16 * read_size
+    tracemalloc.start()
+    try:
+        result = load_segment(conn, path, id_of(path), TABLE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (result.inserted, result.rejected) == (12_000, int(reject))
+    assert peak < 6 * read_size, f"{peak:,} bytes held at once"
 
 
 def bad_line(kind: str, n: int) -> bytes:

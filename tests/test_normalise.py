@@ -13,6 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.normalise import (
+    _api_stamp,
+    _from_number,
+    _from_text,
+    _normalise_event,
+    _usual_line,
     decode_json,
     format_timestamp,
     normalise_event,
@@ -210,6 +215,8 @@ def test_exact_numbers_reach_the_payload() -> None:
         (b'[1e400]', [Decimal("1e400")]),
         (b'[1e-400]', [Decimal("1e-400")]),
         (b'"\\ud800"', "\ud800"),
+        (b"123456789012345678901", 123456789012345678901),  # a bare number: nothing before it
+        (b" 1.00000000000000000001", Decimal("1.00000000000000000001")),
         (b'{"s":"\\u00e9\\u0000"}', {"s": "\u00e9\x00"}),
     ],
 )
@@ -273,3 +280,187 @@ def test_window_is_half_open() -> None:
     page = normalise_page(events, window=(MS, MS + 1))
     assert [decode_row(line)[0] for line in page.data.splitlines(keepends=True)] == ["b", None]
     assert (page.rows, page.rejected, page.min_ts_ms) == (2, 1, MS)
+
+
+# ---------------------------------------------------------------------------------------
+# Shortcuts for the API's usual forms: wherever they answer, the general path agrees
+
+
+def general_us(value: object) -> int | None:
+    """`parse_timestamp` without its shortcuts."""
+    if isinstance(value, str):
+        return _from_text(value)
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return _from_number(value)
+    return None
+
+
+def general_stamp(value: object) -> tuple[str, int] | None:
+    """What the general path makes of a timestamp: (formatted text, epoch ms)."""
+    us = general_us(value)
+    return None if us is None else (format_timestamp(us), us // 1000)
+
+
+def assert_stamp_agrees(value: object, shortcut: bool | None = None) -> None:
+    """`shortcut`: whether the shortcut must answer (None: either way)."""
+    for _ in range(2):  # once filling the per-minute cache, once reading it
+        fast = _api_stamp(value)
+        assert shortcut is None or (fast is not None) == shortcut
+        assert fast is None or fast == general_stamp(value)
+        assert parse_timestamp(value) == general_us(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "shortcut"),
+    [
+        (MS, True),
+        (10**11, True),  # the epoch-ms range by magnitude, both ends
+        (10**14 - 1, True),
+        (10**11 - 1, False),  # epoch seconds
+        (10**14, False),  # epoch µs
+        (-MS, False),
+        (True, False),
+        (float(MS), False),
+        (Decimal(MS), False),
+        ("2026-01-27T19:19:13.629Z", True),
+        ("1970-01-01T00:00:00.000Z", True),
+        ("1969-12-31T23:59:59.999Z", True),
+        ("0001-01-01T00:00:00.000Z", True),
+        ("9999-12-31T23:59:59.999Z", True),
+        ("2028-02-29T12:00:00.000Z", True),  # leap day
+        ("2026-02-29T12:00:00.000Z", False),  # no such day: a reject either way
+        ("2026-13-27T19:19:13.629Z", False),
+        ("2026-01-32T19:19:13.629Z", False),
+        ("0000-01-01T00:00:00.000Z", False),
+        ("2026-01-27T24:00:00.000Z", False),
+        ("2026-01-27T19:60:13.629Z", False),
+        ("2026-01-27T19:19:60.000Z", False),  # leap second
+        ("2026-01-27T19:19:13.629z", False),  # the general path reads these
+        ("2026-01-27t19:19:13.629Z", False),
+        ("2026-01-27 19:19:13.629Z", False),
+        ("2026-01-27T19:19:13.6291Z", False),
+        ("2026-01-27T19:19:13.62Z", False),
+        ("2026-01-27T19:19:13Z", False),
+        ("2026-01-27T19:19:13.629+00:00", False),
+        ("2026-01-27T19:19:13.629Z\n", False),
+        (" 2026-01-27T19:19:13.629Z", False),
+        ("\u200b2026-01-27T19:19:13.629Z", False),
+        ("2026-01-27T19:19:13.\u0666\u0662\u0669Z", False),  # Arabic-Indic digits
+        ("\uff12026-01-27T19:19:13.629Z", False),  # fullwidth 2
+        ("2026-01-27T19:19:1\u00b2.629Z", False),  # superscript 2
+        ("+026-01-27T19:19:13.629Z", False),
+        ("2026-01-27T19:19:+3.629Z", False),
+        ("2026-01-27T19:19:1_.629Z", False),
+        (str(MS), False),
+    ],
+)
+def test_timestamp_shortcut_agrees_with_the_general_path(value: object, shortcut: bool) -> None:
+    assert_stamp_agrees(value, shortcut)
+
+
+@given(st.integers(min_value=10**11, max_value=10**14 - 1))
+@settings(max_examples=300)
+def test_epoch_ms_shortcut_agrees(ms: int) -> None:
+    assert_stamp_agrees(ms, shortcut=True)
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+@settings(max_examples=300)
+def test_api_iso_shortcut_agrees(moment: datetime) -> None:
+    text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert_stamp_agrees(text, shortcut=True)
+
+
+@given(st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z", fullmatch=True))
+@settings(max_examples=300)
+def test_api_iso_shaped_texts_agree(text: str) -> None:
+    """Any digits in the API's shape: invalid dates and times fall to the general path."""
+    assert_stamp_agrees(text)
+
+
+@given(st.from_regex(r"\s?\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,6})?[Zz]?\s?", fullmatch=True))
+@settings(max_examples=300)
+def test_iso_like_texts_agree(text: str) -> None:
+    """Near misses (any Unicode digit, other separators, other precisions) too."""
+    assert_stamp_agrees(text)
+
+
+def test_orjson_escapes_what_copy_and_postgresql_cannot_take_raw() -> None:
+    """`_usual_line` relies on this: no backslash in orjson's text means no NUL, tab,
+    newline, carriage return or backslash in any string of the event."""
+    for char in [*map(chr, range(0x20)), "\\"]:
+        assert b"\\" in orjson.dumps({"k": char}) and b"\\" in orjson.dumps({char: 1})
+
+
+def test_usual_events_take_the_shortcut() -> None:
+    for stamp in (MS, "2026-01-27T19:19:13.629Z"):
+        ev = event(timestamp=stamp)
+        assert _usual_line(ev) == (normalise_event(ev).line, normalise_event(ev).ts_ms)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"id": "x" * 256},  # the longest id the shortcut takes
+        {"id": "\U0001f600" * 256},
+        {"id": "x" * 257},
+        {"id": "\U0001f600" * 257},
+        {"id": ""},
+        {"id": 5},
+        {"id": DROP},
+        {"type": DROP},
+        {"name": None},
+        {"userId": 7},
+        {"sessionId": {"a": 1}},
+        {"name": "tab\there"},
+        {"name": "back\\slash"},
+        {"name": "a\x00b"},
+        {"name": "\ud800"},
+        {"name": "\x7f\u2028\ufeff\u00e9\U0001f600\\N"},
+        {"properties": {"page": "/h\nome"}},
+        {"properties": {"n": 123456789012345678901234567890}},
+        {"properties": {"n": Decimal("0.1000000000000000000001")}},
+        {"properties": {"a\tb": 1}},
+        {"timestamp": " 2026-01-27T19:19:13.629Z"},
+        {"timestamp": 1769541612.369},
+        {"timestamp": DROP},
+        {"timestamp": "2026-02-30T00:00:00.000Z"},
+    ],
+)
+def test_usual_line_agrees_with_the_general_path(changes: dict[str, Any]) -> None:
+    for stamp in (MS, "2026-01-27T19:19:13.629Z"):
+        ev = event(**{"timestamp": stamp, **changes})
+        assert_usual_agrees(ev)
+
+
+def assert_usual_agrees(ev: Any) -> None:
+    usual = _usual_line(ev)
+    general = _normalise_event(ev)
+    if usual is not None:
+        assert general.reason is None and usual == (general.line, general.ts_ms)
+    assert normalise_page([ev]).data == general.line
+
+
+field_text = st.one_of(st.text(max_size=8), st.text(alphabet=st.sampled_from(list("\\\t\n\r\x00N \u00e9")), max_size=4))
+usual_ish_event = st.builds(
+    lambda eid, typ, name, user, session, stamp, page: event(
+        id=eid, type=typ, name=name, userId=user, sessionId=session, timestamp=stamp, properties={"page": page}
+    ),
+    st.one_of(st.just("5f1c9b4e-0d6a-4c1e-9a63-2b7f7a1d0c11"), field_text, st.none()),
+    st.one_of(st.sampled_from(["click", "page_view"]), field_text, st.none(), st.integers()),
+    st.one_of(st.just("event_a1b2c3"), field_text),
+    st.one_of(st.just("e3a1f0d2-6b7c-4d8e-9f01-23456789abcd"), field_text),
+    st.one_of(st.just("0b9e4c1a-7c55-4e0f-8f8e-9d43c0a3e8d2"), field_text),
+    st.one_of(
+        st.integers(min_value=10**11 - 10, max_value=10**14 + 10),
+        st.datetimes(timezones=st.just(UTC)).map(lambda m: m.isoformat(timespec="milliseconds").replace("+00:00", "Z")),
+        st.sampled_from(["2026-01-27T19:19:13.629Z", "2026-01-27T19:19:13.629", " 1769541612369", "bad", None]),
+    ),
+    st.one_of(st.just("/home"), field_text),
+)
+
+
+@given(usual_ish_event)
+@settings(max_examples=500)
+def test_usual_line_agrees_on_near_usual_events(ev: dict[str, Any]) -> None:
+    assert_usual_agrees(ev)

@@ -10,16 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ingest.checkpoint import Checkpoint
 from ingest.plan import (
     best_cut,
     choose_lanes,
     choose_split,
     estimate_oldest,
     lane_needs_walker,
-    page_span_ms,
+    measured_ms_per_event,
+    plan_steal,
     planned_ms_per_event,
     probe_depth,
     progress_mark,
+    revised_oldest,
     split_range,
     walker_speed,
 )
@@ -44,9 +47,9 @@ def test_estimate_oldest(newest: int, sample: tuple[int, int, int], total: int |
 
 @pytest.mark.parametrize(
     "newest, first_oldest, expected",
-    [(100_000, 99_000, 90_000), (100_000, 100_000, 99_990), (5_000, 1_000, 0)],
+    [(100_000, 99_000, 70_000), (100_000, 100_000, 99_970), (5_000, 1_000, 0)],
 )
-def test_probe_depth_is_ten_first_probe_spans_down(newest: int, first_oldest: int, expected: int) -> None:
+def test_probe_depth_is_thirty_first_probe_spans_down(newest: int, first_oldest: int, expected: int) -> None:
     assert probe_depth(newest, first_oldest) == expected
 
 
@@ -118,13 +121,15 @@ def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = 
 @pytest.mark.parametrize(
     "parts, page_ms, expected",
     [
-        # the one with the most left (by its cursor) is split; 9 pages: the thief takes 4
-        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 40)),
-        ([part(0, 100, 200), part(1, 0, 100, at=20)], 10, (0, 150)),
+        # the one with the most left (by its cursor, a page behind the walk) is split: of its
+        # 8 pages the thief takes 4
+        ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 32)),  # 80% of 4 pages
+        ([part(0, 100, 200), part(1, 0, 100, at=20)], 10, (0, 140)),
         # any lane: a fetcher of one lane helps a slower partition of the other
-        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], 10, (1, 30)),
-        # two pages left: one each
-        ([part(0, 0, 100, at=20)], 10, (0, 10)),
+        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], 10, (1, 16)),
+        # two pages left (a committed position may be a page behind the walk): one each
+        ([part(0, 0, 100, at=30)], 10, (0, 8)),
+        ([part(0, 0, 100, at=20)], 10, None),
         # done partitions are never split
         ([part(0, 100, 200, done=True)], 10, None),
         # a partial page left: no split finishes sooner
@@ -176,12 +181,12 @@ def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: floa
     "parts, thief, expected",
     [
         # a query-string walker (5/window) helping a feed walk (40 shared by 5: 8) takes 4 of 10 pages
-        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], QUERY, (0, 400)),
+        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], QUERY, (0, 320)),
         # an /events walker (10) takes more than half of a feed walk (8)
-        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], "events", (0, 600)),
+        ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], "events", (0, 480)),
         # the victim is the walk that will take longest, not the longest span: a query walk
         # of 600 ms (at 5) outlasts a feed walk of 1000 ms (at 10)
-        ([part(0, 0, 1000), part(1, 2000, 2600, source=QUERY)], "feed", (1, 2000 + 400)),
+        ([part(0, 0, 1000), part(1, 2000, 2600, source=QUERY)], "feed", (1, 2000 + 320)),
     ],
 )
 def test_choose_split_sizes_the_parts_by_walker_speed(parts: list[Any], thief: str, expected: tuple[int, int]) -> None:
@@ -206,33 +211,76 @@ def test_walker_speed(lanes: list[str], lane: str, joining: int, expected: float
 
 def test_choose_split_counts_from_the_oldest_event_not_from_zero() -> None:
     parts = [part(0, 0, 1000, at=900)]
-    assert choose_split(parts, 10, oldest_ms=700) == (0, 800)
-    assert choose_split(parts, 10) == (0, 450)
+    assert choose_split(parts, 10, oldest_ms=700) == (0, 772)
+    assert choose_split(parts, 10) == (0, 352)
 
 
 @pytest.mark.parametrize(
-    "walks, page, expected",
+    "walks, expected",
     [
-        ([(1000, 900, 10, False)], 10, 100),  # 100 ms walked for 10 rows: a page of 10 = 100 ms
-        ([(1000, 900, 10, False), (900, 0, 500, True)], 10, 100),  # finished walks do not count
-        ([(1000, None, 0, False)], 10, None),  # nothing measured yet, no plan estimate
+        ([(1000, 900, 10, False)], 10.0),  # 100 ms walked for 10 rows
+        ([(1000, 900, 10, False), (900, 0, 500, True)], 10.0),  # finished walks do not count
+        ([(1000, None, 0, False)], None),  # nothing measured yet, no plan estimate
     ],
 )
-def test_page_span_ms(walks: list[tuple[int, int | None, int, bool]], page: int, expected: int | None) -> None:
+def test_measured_ms_per_event(walks: list[tuple[int, int | None, int, bool]], expected: float | None) -> None:
     parts = []
     for i, (upper, at, rows, done) in enumerate(walks):
         p = part(i, 0, upper, done=done, at=at)
         p.rows = rows
         parts.append(p)
-    assert page_span_ms(parts, page) == expected
+    assert measured_ms_per_event(parts) == expected
 
 
-def test_page_span_falls_back_on_the_plan_until_something_is_measured() -> None:
-    unmeasured = [part(0, 0, 1000)]
-    assert page_span_ms(unmeasured, 10, planned_ms_per_event=2.5) == 25
+def test_the_density_falls_back_on_the_plan_until_something_is_measured() -> None:
+    assert measured_ms_per_event([part(0, 0, 1000)], planned=2.5) == 2.5
     measured = [part(0, 0, 1000, at=900)]
     measured[0].rows = 10
-    assert page_span_ms(measured, 10, planned_ms_per_event=2.5) == 100  # measured wins
+    assert measured_ms_per_event(measured, planned=2.5) == 10.0
+
+
+def walks(*specs: tuple[int, int, int | None, int, bool]) -> list[Any]:
+    """(lower, upper, walked to, rows, done) per partition."""
+    parts = []
+    for i, (lower, upper, at, rows, done) in enumerate(specs):
+        p = part(i, lower, upper, done=done, at=at)
+        p.rows = rows
+        parts.append(p)
+    return parts
+
+
+@pytest.mark.parametrize(
+    "parts, total, oldest, expected",
+    [
+        # no walk went below the estimate: it stands
+        (walks((5000, 10_000, 6000, 400, False), (0, 5000, 4000, 100, False)), 1000, 3000, 3000),
+        # the bottom walk went below 3000 with 400 of 1000 events still unfetched, 100 of them
+        # ahead of the other walk (1000 ms at 10 ms/event): 300 more below 2000, 3000 ms
+        (walks((5000, 10_000, 6000, 400, False), (0, 5000, 2000, 200, False)), 1000, 3000, 0),
+        (walks((5000, 10_000, 6000, 400, False), (0, 5000, 2000, 200, False)), 700, 3000, 2000),
+        # everything fetched: the data ends where the walk is
+        (walks((5000, 10_000, 5000, 500, True), (0, 5000, 2000, 500, False)), 1000, 3000, 2000),
+        (walks((0, 5000, 2000, 500, False)), None, 3000, 3000),  # no total: nothing to go by
+    ],
+)
+def test_revised_oldest(parts: list[Any], total: int | None, oldest: int, expected: int) -> None:
+    assert revised_oldest(parts, total, oldest, 10.0) == expected
+
+
+def test_a_bottom_walk_that_outgrew_the_estimate_is_still_split() -> None:
+    # The estimate said the data ends at 900,000; the bottom walk is at 850,000 with a
+    # third of the events still to fetch: a fetcher with nothing to do must help it.
+    parts = walks((1_000_000, 2_000_000, 1_000_000, 4000, True), (0, 1_000_000, 850_000, 1000, False))
+    plan = Checkpoint(generation="g", source="mixed", total=7500, newest_ms=2_000_000, oldest_ms=900_000, partitions=parts)
+    choice = plan_steal(plan, "events", 1000, RATES)
+    assert choice is not None and choice[0] == 1 and choice[1] < 850_000
+
+
+def test_no_steal_while_the_lane_is_busy() -> None:
+    parts = [part(i, i * 1000, i * 1000 + 1000) for i in range(4)]
+    plan = Checkpoint(generation="g", source="feed", total=4000, newest_ms=4000, oldest_ms=0, partitions=parts)
+    assert plan_steal(plan, "feed", 100, RATES) is None
+    assert plan_steal(plan, "events", 100, RATES) is not None
 
 
 @pytest.mark.parametrize(

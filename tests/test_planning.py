@@ -24,7 +24,7 @@ def pages_asked(client: ApiClient) -> int:
 @pytest.fixture(scope="module")
 def sim() -> Iterator[Any]:
     # Enough events that the first probe (1,000 events) sits inside the ramp at the newest end.
-    simulator = start_simulator(SimulatorConfig(events=300_000, latency="none", rate_limits=False, chaos="none"))
+    simulator = start_simulator(SimulatorConfig(events=600_000, latency="none", rate_limits=False, chaos="none"))
     try:
         yield simulator
     finally:
@@ -41,7 +41,7 @@ def test_the_plan_estimates_the_oldest_event_from_inside_the_data(sim: Any, data
         client.close()
     assert plan.newest_ms is not None and plan.oldest_ms is not None
     span = plan.newest_ms - TIME_START
-    assert abs(plan.oldest_ms - TIME_START) < 0.15 * span, "within 15% of the real time range"
+    assert abs(plan.oldest_ms - TIME_START) < 0.12 * span, "within 12% of the real time range (one small probe: 56% off)"
     assert pages_asked(client) == 2, "two small probes"
     assert plan.partitions[0].upper_ms == plan.newest_ms + 1 and plan.partitions[-1].lower_ms == 0
 

@@ -94,9 +94,13 @@ def test_heavy_chaos_ends_with_the_truth(simulator: Any, pg_dsn: str, data_dir: 
 
 
 @pytest.mark.sim(events=30_000, latency="realistic", rate_limits=True, time_scale=200.0)
-@pytest.mark.parametrize(("source", "page", "least_tokens", "most_tokens"), [("feed", 500, 2, 10**6), ("events", 1000, 0, 0)])
+@pytest.mark.parametrize(
+    ("source", "lanes", "page", "least_tokens", "most_tokens"),
+    [("feed", {"feed"}, 500, 2, 10**6), ("events", {"events", "events_query"}, 1000, 0, 0)],
+)
 def test_one_source_only(
-    simulator: Any, pg_dsn: str, data_dir: Path, source: str, page: int, least_tokens: int, most_tokens: int
+    simulator: Any, pg_dsn: str, data_dir: Path, source: str, lanes: set[str], page: int, least_tokens: int,
+    most_tokens: int,
 ) -> None:
     # At time scale 200 a token lives 1.5 s and a cursor 0.6 s: on the feed both expire
     # many times during the run; /events needs no token at all.
@@ -107,7 +111,7 @@ def test_one_source_only(
     assert code == 0, log[-3000:]
     assert_exact(pg_dsn, simulator.truth())
     state = checkpoint.read(data_dir / "ingestion.state")
-    assert state is not None and {p.source for p in state.partitions} == {source}
+    assert state is not None and {p.source for p in state.partitions} == lanes
     assert least_tokens <= simulator.stats().get("tokens_issued", 0) <= most_tokens
 
 

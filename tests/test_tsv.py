@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg2.extensions
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.normalise import normalise_event
+from ingest.normalise import _usual_line, normalise_event, normalise_page
 from ingest.tsv import COLUMNS, decode_row, encode_row
 
 # Everything PostgreSQL text can hold: any code point but NUL (and no lone surrogates).
@@ -32,10 +33,23 @@ json_value = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text, inner, max_size=4)),
     max_leaves=12,
 )
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_ms(ms: int) -> str:
+    """The API's ISO form, "2026-01-27T19:19:13.629Z"."""
+    return (EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def epoch_ms(stamp: int | str) -> int:
+    return stamp if isinstance(stamp, int) else (datetime.fromisoformat(stamp) - EPOCH) // timedelta(milliseconds=1)
+
+
+epoch_ms_number = st.integers(min_value=100_000_000_000, max_value=99_999_999_999_999)
 event = st.fixed_dictionaries(
     {
         "id": text.filter(bool),
-        "timestamp": st.integers(min_value=100_000_000_000, max_value=99_999_999_999_999),
+        "timestamp": st.one_of(epoch_ms_number, epoch_ms_number.map(iso_ms)),  # the API's two forms
     },
     optional={"type": json_value, "name": text, "userId": text, "sessionId": text, "properties": json_value},
 )
@@ -95,15 +109,50 @@ def _as_json(value: Any) -> str:
     return json.dumps(value)
 
 
+usual_event = st.builds(
+    lambda eid, session, user, typ, name, stamp, device: {
+        "id": eid,
+        "sessionId": session,
+        "userId": user,
+        "type": typ,
+        "name": name,
+        "properties": {"page": "/home"},
+        "timestamp": stamp,
+        "session": {"id": session, "deviceType": device, "browser": "Chrome"},
+    },
+    st.uuids().map(str),
+    st.uuids().map(str),
+    st.uuids().map(str),
+    st.sampled_from(["page_view", "click", "purchase"]),
+    st.from_regex(r"event_[a-z0-9]{6}", fullmatch=True),
+    st.one_of(epoch_ms_number, epoch_ms_number.map(iso_ms)),
+    st.sampled_from(["mobile", "tablet", "desktop"]),
+)
+
+
 @given(st.lists(event, min_size=1, max_size=5))
 @SLOW_DB
 def test_normalised_events_survive_copy(conn: psycopg2.extensions.connection, events: list[dict[str, Any]]) -> None:
     """Strings come back identical, payload equals the event as jsonb, the instant is exact."""
+    assert_survives_copy(conn, events)
+
+
+@given(st.lists(usual_event, min_size=1, max_size=5))
+@SLOW_DB
+def test_usual_events_survive_copy(conn: psycopg2.extensions.connection, events: list[dict[str, Any]]) -> None:
+    """The same for the API's usual shape, which `normalise_page` writes by a shortcut."""
+    assert all(_usual_line(e) is not None for e in events)
+    assert_survives_copy(conn, events)
+
+
+def assert_survives_copy(conn: psycopg2.extensions.connection, events: list[dict[str, Any]]) -> None:
     lines = [normalise_event(e) for e in events]
     assert all(n.reason is None for n in lines)
+    page = normalise_page(events)
+    assert page.data == b"".join(n.line for n in lines)
     with conn.cursor() as cur:
         cur.execute("TRUNCATE typed RESTART IDENTITY")
-        copy_in(conn, "typed", b"".join(n.line for n in lines))
+        copy_in(conn, "typed", page.data)
         for ord_, ev in enumerate(events, start=1):
             cur.execute(
                 "SELECT id, type, name, user_id, session_id, payload = %s::jsonb,"
@@ -117,6 +166,6 @@ def test_normalised_events_survive_copy(conn: psycopg2.extensions.connection, ev
             assert (got[1] if typ is None or isinstance(typ, str) else json.loads(got[1])) == typ
             assert (got[2], got[3], got[4]) == (ev.get("name"), ev.get("userId"), ev.get("sessionId"))
             assert got[5] is True
-            assert got[6] == ev["timestamp"]
+            assert got[6] == epoch_ms(ev["timestamp"])
             assert got[7] is None and got[8] is None
     conn.rollback()
