@@ -120,14 +120,18 @@ def _pg_system_user() -> str | None:
 # Schema (DESIGN.md section 3). Idempotent.
 
 def reject_key(raw: str) -> str:
-    """SQL for the identity of a reject whose text is the column `raw`: a hash of the text
-    with every "timestamp" value blanked out. The API writes an event's timestamp as a
-    number or as an ISO string by its place in the page, so the same unstorable event
-    fetched twice (walks that overlap, a cursor re-positioned after expiry) can come back
-    in two forms, and must still be stored once. (Two unstorable events that differ in
-    nothing but their timestamps count as one.)"""
-    pattern = r'''"timestamp":("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*)'''
-    return f"md5(regexp_replace({raw}, '{pattern}', '\"timestamp\":_', 'g'))"
+    """SQL for the identity of a reject whose text is the column `raw`, so that a reject
+    seen again (walks that overlap, a page fetched again after a crash or a re-positioned
+    cursor) is stored once although its text may differ: fields that a faulty response
+    left out, and the timestamp's form, which the API picks by the event's place in the
+    page (a number or an ISO string). An event whose text opens with its id (the API sends
+    it first) is that id; one without, its text with every "timestamp" value blanked out
+    (so two unstorable events without an id that differ only in time count as one)."""
+    string = r'''"(?:[^"\\]|\\.)*"'''
+    opening_id = r'''^\{"id":(''' + string + ")"
+    timestamp = '"timestamp":(' + string + "|-?[0-9][0-9.eE+-]*)"
+    blanked = f"regexp_replace({raw}, '{timestamp}', '\"timestamp\":_', 'g')"
+    return f"md5(coalesce('id:' || substring({raw} from '{opening_id}'), {blanked}))"
 
 
 SCHEMA = """

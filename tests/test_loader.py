@@ -171,21 +171,23 @@ def test_load_segment_stores_rows_rejects_and_ledger(store: SegmentStore, conn: 
     assert orjson.loads(rejects[1][2]) == {"id": "bad-ts", "timestamp": "soon"}
 
 
-def test_an_unstorable_event_seen_in_two_timestamp_forms_is_one_reject(
+def test_an_unstorable_event_seen_again_in_another_form_is_one_reject(
     store: SegmentStore, conn: psycopg2.extensions.connection
 ) -> None:
     # The API writes a timestamp as a number or an ISO string by the event's place in the
     # page: overlapping walks can fetch one unstorable event in both forms, even within one
-    # segment. A different event is another reject.
+    # segment; a faulty response can also leave fields out. A different event is another reject.
     as_number = {"name": "nul\u0000", "timestamp": 1769541553629, "properties": {"n": 1}}
     as_text = {**as_number, "timestamp": "2026-01-27T19:19:13.629Z"}
     later = {**as_number, "timestamp": "2026-01-27T19:19:14.000Z", "name": "other\u0000"}
-    first = seal(store, 1, [api_event(1), as_number, as_text])
-    second = seal(store, 2, [as_text, later, api_event(2)])
-    assert load_segment(conn, first, id_of(first), TABLE).rejected == 1
+    with_id = {"id": "e-x", "name": "nul\u0000", "timestamp": 1769541553629, "userId": "u-1"}
+    with_id_cut = {"id": "e-x", "name": "nul\u0000", "timestamp": "2026-01-27T19:19:13.629Z"}
+    first = seal(store, 1, [api_event(1), as_number, as_text, with_id])
+    second = seal(store, 2, [as_text, later, api_event(2), with_id_cut])
+    assert load_segment(conn, first, id_of(first), TABLE).rejected == 2
     assert load_segment(conn, second, id_of(second), TABLE).rejected == 1
     reasons = sorted(r[0] for r in query(conn, "SELECT reason FROM ingest_rejects"))
-    assert reasons == ["missing id", "missing id"]
+    assert reasons == ["NUL character in name", "missing id", "missing id"]
 
 
 def test_same_segment_loaded_twice_changes_nothing(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
