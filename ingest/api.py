@@ -198,6 +198,7 @@ class Page:
     total: int | None
     nbytes: int
     status: int
+    seconds: float = 0.0  # the exchange that brought it, without pacing waits or retries
 
 
 @dataclass
@@ -624,6 +625,7 @@ class ApiClient:
             cursor = self._live_cursor(cursor)
             if cursor is not None:
                 params["cursor"] = cursor
+            sent = time.monotonic()
             outcome, body = self._send("GET", url, headers, params=params)
             if source != "feed" and limiter is not None and outcome.status is not None:
                 remaining, reset = rate_headers(outcome.headers, self._clock())
@@ -641,6 +643,7 @@ class ApiClient:
             if action is Action.OK and page is not None:
                 if source == "feed":
                     self._token_on_probation = False
+                page.seconds = time.monotonic() - sent
                 return page
             if action is Action.DRAINED:
                 return Page([], None, False, None, len(body), outcome.status or 0)

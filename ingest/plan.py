@@ -57,6 +57,18 @@ def probe_depth(newest_ms: int, first_probe_oldest_ms: int) -> int:
     return max(0, newest_ms - PROBE_DEPTH * max(1, newest_ms - first_probe_oldest_ms))
 
 
+FAST_SOURCE_EVENTS_PER_S = 20_000  # one request this fast: an API on this machine, not behind budgets
+
+
+def partitions_for(requested: int, sample_events: int, sample_seconds: float | None, cpus: int) -> int:
+    """The partitions a run walks (0: the lanes' default, see `choose_lanes`). A source
+    that serves one request faster than FAST_SOURCE_EVENTS_PER_S is local: the run is bound
+    by this machine's CPUs, and more fetchers than cores only fight over them."""
+    if requested or not sample_seconds or sample_events / sample_seconds < FAST_SOURCE_EVENTS_PER_S:
+        return requested
+    return max(2, cpus)
+
+
 def choose_lanes(mode: str, partitions: int, rates: dict[str, float]) -> list[tuple[str, float]]:
     """(lane, weight) per partition, newest first: `partitions` walkers (0: the default
     order's walkers) over the lanes of `mode` that have a budget (`rates`, requests per

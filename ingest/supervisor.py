@@ -10,6 +10,7 @@ first SIGINT/SIGTERM into "stop fetching, seal, let the loaders drain", the seco
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import signal
 import time
@@ -32,7 +33,7 @@ from ingest.loader import EXIT_FATAL as LOADER_FATAL
 from ingest.loader import loader_process
 from ingest.metrics import MetricsServer, start_metrics_server
 from ingest.normalise import parse_timestamp
-from ingest.plan import choose_lanes, estimate_oldest, probe_depth, split_range
+from ingest.plan import choose_lanes, estimate_oldest, partitions_for, probe_depth, split_range
 from ingest.progress import Progress
 from ingest.segments import SegmentStore, reconcile, release
 from ingest.stats import SharedCounters
@@ -102,14 +103,14 @@ def sample_of(page: Page) -> tuple[int, int, int] | None:
     return top, int(decode_cursor(page.next_cursor)["ts"]), len(page.events)
 
 
-def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page, limit: int) -> int:
+def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page, limit: int) -> tuple[int, Page]:
     """The oldest event's time, from a second page (`limit` events) taken well inside the
     data (see `estimate_oldest`; positioned by `until` on the feed, by a forged cursor on
-    /events). A plan from a wrong estimate still covers everything, but leaves lanes idle
-    or overloaded until work stealing evens them out."""
+    /events), and the page the estimate rests on. A plan from a wrong estimate still covers
+    everything, but leaves lanes idle or overloaded until work stealing evens them out."""
     first = sample_of(probe)
     if first is None:  # one page holds everything (or nothing measurable): no need to guess
-        return newest
+        return newest, probe
     depth = probe_depth(newest, first[1])
     if mode == "events":
         cursor = position_cursor(depth, int(time.time() * 1000), CURSOR_TTL_MS)
@@ -118,8 +119,8 @@ def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page
         page = client.fetch_page("feed", None, until=depth, limit=limit)
     inside = sample_of(page)
     if inside is None:  # the data ends above the depth: the first sample is all we have
-        return max(depth, estimate_oldest(newest, first, probe.total))
-    return estimate_oldest(newest, inside, probe.total)
+        return max(depth, estimate_oldest(newest, first, probe.total)), probe
+    return estimate_oldest(newest, inside, probe.total), page
 
 
 def make_plan(config: Config, client: ApiClient) -> Checkpoint:
@@ -146,16 +147,19 @@ def make_plan(config: Config, client: ApiClient) -> Checkpoint:
         for part in plan.partitions:
             part.done = not probe.events
         return plan
-    oldest = estimate_from_samples(client, mode, newest, probe, min(config.page_limit, SAMPLE_LIMIT))
-    lanes = choose_lanes(mode, config.partitions, lane_rates(config))
+    oldest, sample = estimate_from_samples(client, mode, newest, probe, min(config.page_limit, SAMPLE_LIMIT))
+    partitions = partitions_for(config.partitions, len(sample.events), sample.seconds, os.cpu_count() or 2)
+    lanes = choose_lanes(mode, partitions, lane_rates(config))
     plan = Checkpoint(generation=generation, source=mode, total=probe.total, newest_ms=newest, oldest_ms=oldest)
     plan.partitions = split_range(oldest, newest + 1, lanes)
     logger.info(
-        "plan: {} partitions over {} .. {} ({} events reported)",
+        "plan: {} partitions over {} .. {} ({} events reported; {} events in {:.2f}s a request)",
         len(plan.partitions),
         oldest,
         newest,
         probe.total,
+        len(sample.events),
+        sample.seconds,
     )
     return plan
 

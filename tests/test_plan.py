@@ -18,6 +18,7 @@ from ingest.plan import (
     estimate_oldest,
     lane_needs_walker,
     measured_ms_per_event,
+    partitions_for,
     plan_steal,
     planned_ms_per_event,
     probe_depth,
@@ -55,6 +56,22 @@ def test_probe_depth_is_thirty_first_probe_spans_down(newest: int, first_oldest:
 
 RATES = {"feed": 40, "events": 10, "events_query": 5}
 QUERY = "events_query"
+
+
+@pytest.mark.parametrize(
+    "requested, events, seconds, cpus, expected",
+    [
+        (0, 5000, 4.1, 2, 0),  # the real API's pace: the lanes' default
+        (0, 5000, 2.0, 8, 0),
+        (0, 5000, 0.05, 2, 2),  # a local source: as many as the cores
+        (0, 5000, 0.05, 1, 2),
+        (0, 5000, 0.05, 6, 6),
+        (3, 5000, 0.05, 6, 3),  # asked for: as asked
+        (0, 5000, None, 6, 0),  # not measured
+    ],
+)
+def test_partitions_for(requested: int, events: int, seconds: float | None, cpus: int, expected: int) -> None:
+    assert partitions_for(requested, events, seconds, cpus) == expected
 
 
 @pytest.mark.parametrize(

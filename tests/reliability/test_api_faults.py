@@ -62,7 +62,11 @@ def run_case(
     }
     simulator = start_simulator(SimulatorConfig(**options))
     try:
-        environment = ingest_env(simulator, pg_dsn, data_dir, **{"INGEST_PAGE_LIMIT": 1000, **env})
+        # Eight walks, as against the real API (a simulator this fast would get one a core):
+        # each fault case needs enough requests in flight to meet its faults.
+        environment = ingest_env(
+            simulator, pg_dsn, data_dir, **{"INGEST_PAGE_LIMIT": 1000, "INGEST_PARTITIONS": 8, **env}
+        )
         code, log = run_to_end(environment, data_dir / "run.log", timeout=timeout)
         assert code == 0, log[-4000:]
         truth = simulator.truth()
