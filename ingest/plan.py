@@ -34,9 +34,8 @@ LANE_NEED = {"feed": 4, "events": 1, "events_query": 1}  # walkers that keep eac
 # that overflows its k pages by a few events costs a whole request more.
 PIECE_FILL = 0.8
 COMMIT_LAG_PAGES = 1  # pages a walk may be ahead of its committed cursor (a segment seals every 2 s)
-
-
 PROBE_DEPTH = 30  # the second probe looks this many first-probe spans below the newest event
+FAST_SOURCE_EVENTS_PER_S = 20_000  # one request this fast: an API on this machine, not behind budgets
 
 
 def estimate_oldest(newest_ms: int, sample: tuple[int, int, int], total: int | None) -> int:
@@ -55,9 +54,6 @@ def probe_depth(newest_ms: int, first_probe_oldest_ms: int) -> int:
     """Where to take the density sample: PROBE_DEPTH first-probe spans below the newest
     event, clear of the ramp at the newest end."""
     return max(0, newest_ms - PROBE_DEPTH * max(1, newest_ms - first_probe_oldest_ms))
-
-
-FAST_SOURCE_EVENTS_PER_S = 20_000  # one request this fast: an API on this machine, not behind budgets
 
 
 def partitions_for(requested: int, sample_events: int, sample_seconds: float | None, cpus: int) -> int:

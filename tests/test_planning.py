@@ -12,7 +12,7 @@ import pytest
 
 from ingest.api import ApiClient
 from ingest.config import Config
-from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.simulator import SimulatorConfig, spawn_simulator, start_simulator
 from ingest.supervisor import make_plan
 
 TIME_START = 1766946793000  # the simulator's oldest event
@@ -25,11 +25,8 @@ def pages_asked(client: ApiClient) -> int:
 @pytest.fixture(scope="module")
 def sim() -> Iterator[Any]:
     # Enough events that the first probe (1,000 events) sits inside the ramp at the newest end.
-    simulator = start_simulator(SimulatorConfig(events=600_000, latency="none", rate_limits=False, chaos="none"))
-    try:
+    with spawn_simulator(SimulatorConfig(events=600_000, latency="none", rate_limits=False, chaos="none")) as simulator:
         yield simulator
-    finally:
-        simulator.stop()
 
 
 @pytest.mark.parametrize("source", ["auto", "events"])
