@@ -209,12 +209,13 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
 
 def walk(ctx: FetchContext, part: PartitionState) -> tuple[bool, str]:
     """`fetch_partition`, and the lane it ended on: a partition whose lane the API refuses
-    (the optional query-string lane) goes on, durably, on /events with the key in the
-    header; the data is the same."""
-    try:
-        return fetch_partition(ctx, part), part.source
-    except SourceUnavailable as exc:
-        logger.warning("{}; partition {} goes on with the key in the header", exc, part.index)
+    (the optional query-string lane), or that a resumed run no longer gives a budget, goes
+    on, durably, on /events with the key in the header; the data is the same."""
+    if lane_rates(ctx.config).get(part.source, 0) > 0:
+        try:
+            return fetch_partition(ctx, part), part.source
+        except SourceUnavailable as exc:
+            logger.warning("{}; partition {} goes on with the key in the header", exc, part.index)
 
     def move(state: PartitionState) -> None:
         state.source = "events"

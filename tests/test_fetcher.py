@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,12 @@ def test_a_refused_query_string_lane_goes_on_in_the_header_lane(data_dir: Path, 
         assert_exact(pg_dsn, simulator.truth())
     finally:
         simulator.stop()
+
+
+def test_a_lane_turned_off_on_resume_hands_its_walk_to_the_header_lane(sim: Any, data_dir: Path, pg_dsn: str) -> None:
+    part = PartitionState(index=0, source="events_query", lower_ms=0, upper_ms=NEWEST + 1)
+    config, fetch = setup(sim, data_dir, [part])
+    fetch.config = replace(config, query_rate=0.0)
+    assert walk(fetch, part) == (True, "events")
+    load_all(config, pg_dsn)
+    assert_exact(pg_dsn, sim.truth())
