@@ -243,6 +243,14 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _parse_gzip(text: str) -> str:
+    """auto, on or off; a yes/no value (the option was once a flag) reads as on/off."""
+    try:
+        return "on" if _parse_bool(text) else "off"
+    except ValueError:
+        return _parse_choice(GZIP_MODES)(text)
+
+
 def _parse_api_url(text: str) -> str:
     url = text.strip().rstrip("/")
     parts = urlsplit(url)
@@ -312,7 +320,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "events_rate": _parse_float(0.1),
     "query_rate": _parse_float(0.0),
     "rate_window": _parse_float(0.01),
-    "gzip": _parse_choice(GZIP_MODES),
+    "gzip": _parse_gzip,
     "request_timeout": _parse_float(0.1),
     "max_attempts": _parse_int(1),
     "segment_max_rows": _parse_int(1),

@@ -32,6 +32,8 @@ def test_precedence_cli_over_env_over_dotenv() -> None:
         ({"page_limit": "6000"}, "--page-limit: must be at least 1 and at most 5000"),
         ({"log_format": "xml"}, "--log-format: must be one of json, text"),
         ({"keep_segments": "maybe"}, "--keep-segments: expected true or false"),
+        ({"gzip": "sometimes"}, "--gzip: must be one of auto, on, off"),
+        ({"query_rate": "-5"}, "--query-rate: must be at least 0.0"),
         ({"feed_rate": "-1"}, "--feed-rate: must be at least 0.1"),
         ({"metrics_port": "70000"}, "--metrics-port: must be at least 0 and at most 65535"),
     ],
@@ -55,6 +57,13 @@ def test_required_values(missing: str) -> None:
     env = {k: v for k, v in BASE.items() if k != missing}
     with pytest.raises(ConfigError, match="is required"):
         build_config({}, env, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"), [("auto", "auto"), ("ON", "on"), ("off", "off"), ("true", "on"), ("0", "off"), ("yes", "on")]
+)
+def test_gzip_takes_a_mode_or_the_yes_no_of_the_old_flag(text: str, mode: str) -> None:
+    assert build_config({"gzip": text}, BASE, {}).gzip == mode
 
 
 def test_defaults() -> None:
