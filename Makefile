@@ -10,6 +10,7 @@ $(STAMP): setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -rf datasync_ingest.egg-info  # a build leftover: the editable install keeps its metadata in .venv
 	touch $(STAMP)
 
 install: $(STAMP)
