@@ -235,8 +235,8 @@ def help_others(ctx: FetchContext, lane: str) -> None:
         state = checkpoint.read(state_path)
         if state is None or all(p.done for p in state.partitions):
             return
-        if progress_mark(state.partitions) != mark:
-            mark, moved_at = progress_mark(state.partitions), time.monotonic()
+        if (now_mark := progress_mark(state.partitions)) != mark:
+            mark, moved_at = now_mark, time.monotonic()
         taken = steal(state_path, lane, page_limit, rates)
         if taken is not None:
             drained, lane = walk(ctx, taken)

@@ -32,7 +32,7 @@ from ingest.config import Config
 from ingest.logs import configure_logging
 from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
 from ingest.stats import SharedCounters
-from ingest.tsv import COLUMNS, encode_row
+from ingest.tsv import COLUMNS, EVENT_LINE_END, encode_row
 
 READ_SIZE = 1 << 20  # bytes per read of a segment: a load holds a few such chunks, never the segment
 POLL_INTERVAL = 0.05  # seconds between looks at an empty ready/
@@ -147,8 +147,6 @@ def _copy(cur: psycopg2.extensions.cursor, statement: str, chunks: Iterable[byte
         raise
 
 
-# Every event row ends so (no reject reason, no raw text); a raw tab only separates fields.
-EVENT_LINE_END = b"\t\\N\t\\N\n"
 COPY_DIRECT = sql.SQL(
     "COPY {table} (id, occurred_at, type, name, user_id, session_id, payload, ingested_at) FROM STDIN"
 )

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ingest.tsv import encode_row, escape
+from ingest.tsv import EVENT_LINE_END, encode_row, escape
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
@@ -446,12 +446,11 @@ def _normalise_event(event: object) -> Normalised:
         )
     )
     # JSON text never holds a raw tab, newline or carriage return; backslash is all to escape.
-    line = head.encode("utf-8") + b"\t" + payload.replace(b"\\", b"\\\\") + b"\t\\N\t\\N\n"
+    line = head.encode("utf-8") + b"\t" + payload.replace(b"\\", b"\\\\") + EVENT_LINE_END
     return Normalised(line, eid, us // 1000, None)
 
 
 _BACKSLASH = ord("\\")
-_LINE_END = b"\t\\N\t\\N\n"  # no reject reason, no raw text
 
 
 def _usual_line(event: object) -> tuple[bytes, int] | None:
@@ -482,7 +481,7 @@ def _usual_line(event: object) -> tuple[bytes, int] | None:
     if _BACKSLASH in payload:
         return None
     head = f"{eid}\t{stamp[0]}\t{typ}\t{name}\t{user}\t{session}\t"
-    return head.encode("utf-8") + payload + _LINE_END, stamp[1]
+    return head.encode("utf-8") + payload + EVENT_LINE_END, stamp[1]
 
 
 def normalise_page(events: list[Any], window: tuple[int, int] | None = None) -> PageRows:

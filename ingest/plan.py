@@ -108,11 +108,16 @@ def walked_to(part: PartitionState) -> int:
     return part.upper_ms
 
 
+def walkers_on(parts: list[PartitionState], lane: str) -> int:
+    """The unfinished walks of `lane` (each has a fetcher)."""
+    return sum(1 for p in parts if not p.done and p.source == lane)
+
+
 def walker_speed(parts: list[PartitionState], lane: str, rates: dict[str, float], joining: int = 0) -> float:
     """Requests per window one walker of `lane` gets: its budget shared by the lane's
     unfinished walks (plus `joining`), but never more than LANE_NEED walkers' share (one
     walker keeps only about one page in flight)."""
-    walking = sum(1 for p in parts if not p.done and p.source == lane) + joining
+    walking = walkers_on(parts, lane) + joining
     return rates.get(lane, 0.0) / max(walking, LANE_NEED.get(lane, 1), 1)
 
 
@@ -178,8 +183,7 @@ def lane_needs_walker(parts: list[PartitionState], lane: str) -> bool:
     """Fewer unfinished partitions walk `lane` than keep its budget busy (LANE_NEED): a
     walker that joins it uses budget that would otherwise go idle. With enough walkers a
     split would only cost a partial page, so an idle fetcher waits instead."""
-    walking = sum(1 for p in parts if not p.done and p.source == lane)
-    return walking < LANE_NEED.get(lane, 1)
+    return walkers_on(parts, lane) < LANE_NEED.get(lane, 1)
 
 
 def progress_mark(parts: list[PartitionState]) -> tuple[tuple[int, str | None, int, bool], ...]:

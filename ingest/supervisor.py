@@ -24,11 +24,11 @@ from loguru import logger
 
 from ingest import checkpoint, db
 from ingest.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, lane_rates, make_limiters
-from ingest.checkpoint import Checkpoint
+from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
-from ingest.cursors import decode_cursor, position_cursor
-from ingest.fetcher import CURSOR_TTL_MS, fetcher_process
+from ingest.cursors import decode_cursor
 from ingest.fetcher import EXIT_FATAL as FETCHER_FATAL
+from ingest.fetcher import fetcher_process, request_window, start_cursor
 from ingest.loader import EXIT_FATAL as LOADER_FATAL
 from ingest.loader import loader_process
 from ingest.metrics import MetricsServer, start_metrics_server
@@ -111,15 +111,14 @@ def estimate_from_samples(client: ApiClient, mode: str, newest: int, probe: Page
     first = sample_of(probe)
     if first is None:  # one page holds everything (or nothing measurable): no need to guess
         return newest, probe
-    depth = probe_depth(newest, first[1])
-    if mode == "events":
-        cursor = position_cursor(depth, int(time.time() * 1000), CURSOR_TTL_MS)
-        page = client.fetch_page("events", cursor, limit=limit)
-    else:
-        page = client.fetch_page("feed", None, until=depth, limit=limit)
+    # Asked for as the first page of a walk down from the depth, on the lane the probe used.
+    below = PartitionState(index=0, source="events" if mode == "events" else "feed", lower_ms=0,
+                           upper_ms=probe_depth(newest, first[1]))
+    since, until = request_window(below)
+    page = client.fetch_page(below.source, start_cursor(below, int(time.time() * 1000)), since, until, limit)
     inside = sample_of(page)
     if inside is None:  # the data ends above the depth: the first sample is all we have
-        return max(depth, estimate_oldest(newest, first, probe.total)), probe
+        return max(below.upper_ms, estimate_oldest(newest, first, probe.total)), probe
     return estimate_oldest(newest, inside, probe.total), page
 
 

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 COLUMNS = ("id", "occurred_at", "type", "name", "user_id", "session_id", "payload", "reject_reason", "raw")
 
 NULL = "\\N"
+# How every event row ends (no reject reason, no raw text): the normaliser writes it, and
+# the loader's fast path recognises event rows by it.
+EVENT_LINE_END = b"\t\\N\t\\N\n"
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 

@@ -28,7 +28,6 @@ from ingest import db
 from ingest.config import Config
 from ingest.loader import (
     COPY_STAGING,
-    EVENT_LINE_END,
     STAGING_DDL,
     LoadResult,
     direct_rows,
@@ -45,7 +44,7 @@ from ingest.loader import (
 from ingest.normalise import normalise_page
 from ingest.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
 from ingest.stats import SharedCounters
-from ingest.tsv import encode_row
+from ingest.tsv import EVENT_LINE_END, encode_row
 
 BASE_MS = 1766946793000
 TABLE = "events"
