@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ingest tests
 	$(BIN)/mypy ingest
 	$(BIN)/hadolint docker/Dockerfile
-	$(BIN)/python -m ingest.tools.check_compose docker/docker-compose.yml
+	$(BIN)/python -m ingest.ops.check_compose docker/docker-compose.yml
 
 ## ingest: the real API from DATASYNC_API_URL / DATASYNC_API_KEY (embedded database unless DATABASE_URL)
 ingest: $(STAMP)
@@ -35,10 +35,10 @@ ingest: $(STAMP)
 
 ## demo: a local simulator with 300,000 events, ingested into the embedded database, then verified
 demo: $(STAMP)
-	$(BIN)/python -m ingest.demo --events 300000
+	$(BIN)/python -m ingest.ops.demo --events 300000
 
 bench: $(STAMP)
-	$(BIN)/python -m ingest.bench
+	$(BIN)/python -m ingest.ops.bench
 
 clean:
 	rm -rf $(VENV) .datasync .bench .pytest_cache .mypy_cache .ruff_cache

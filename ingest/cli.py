@@ -103,7 +103,7 @@ def run(**cli_values: Any) -> None:
     config = config_or_exit(cli_values)
     usable_data_dir_or_exit(config)
     configure_logging(config.log_format, config.log_level, config.secrets(), process="supervisor")
-    from ingest.supervisor import run as run_ingestion
+    from ingest.run.supervisor import run as run_ingestion
 
     sys.exit(run_ingestion(config))
 
@@ -132,7 +132,7 @@ def status(**cli_values: Any) -> None:
     """Checkpoint, segments per state, ledger totals and rejects, as JSON."""
     config = config_or_exit(cli_values, required=())
     configure_logging(config.log_format, "WARNING", config.secrets(), process="status")
-    from ingest.report import collect_status
+    from ingest.ops.report import collect_status
 
     click.echo(orjson.dumps(collect_status(config), option=orjson.OPT_INDENT_2).decode())
 
@@ -144,7 +144,7 @@ def verify(sample: int, **cli_values: Any) -> None:
     """Page the source's ids and compare them with the table. Exit 0 only on a match."""
     config = config_or_exit(cli_values)
     configure_logging(config.log_format, config.log_level, config.secrets(), process="verify")
-    from ingest.report import run_verify
+    from ingest.ops.report import run_verify
 
     report = run_verify(config, sample)
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -157,7 +157,7 @@ def load(**cli_values: Any) -> None:
     """Load whatever is in segments/ready with --workers loaders, then exit."""
     config = config_or_exit(cli_values, required=())
     configure_logging(config.log_format, config.log_level, config.secrets(), process="load")
-    from ingest.report import run_load
+    from ingest.ops.report import run_load
 
     click.echo(orjson.dumps(run_load(config)).decode())
 

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ingest.db import EmbeddedPostgres, dsn_for_database
+from ingest.sink.db import EmbeddedPostgres, dsn_for_database
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg2
 
-from ingest import checkpoint
+from ingest.source import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAM = [str(REPO / "bin" / "datasync-ingest")]

@@ -16,8 +16,9 @@ import requests
 import responses
 from loguru import logger
 
-from ingest import api
-from ingest.api import (
+from ingest.config import Config
+from ingest.source import api
+from ingest.source.api import (
     Action,
     ApiClient,
     ApiError,
@@ -27,9 +28,8 @@ from ingest.api import (
     Stopped,
     classify,
 )
-from ingest.config import Config
-from ingest.cursors import FORGE_ID, decode_cursor, encode_cursor
-from ingest.pacing import SharedRateLimiter
+from ingest.source.cursors import FORGE_ID, decode_cursor, encode_cursor
+from ingest.source.pacing import SharedRateLimiter
 
 HOST = "http://api.test"
 EVENTS = HOST + "/api/v1/events"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest import checkpoint
-from ingest.checkpoint import Checkpoint, CheckpointError, PartitionState
+from ingest.source import checkpoint
+from ingest.source.checkpoint import Checkpoint, CheckpointError, PartitionState
 
 
 def make(path: Path, partitions: int = 2) -> Checkpoint:

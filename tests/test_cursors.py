@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.cursors import (
+from ingest.source.cursors import (
     FORGE_ID,
     cursor_expiring,
     decode_cursor,

@@ -9,8 +9,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from ingest import db
 from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.sink import db
 from tests.e2e import PROGRAM, ingest_env
 
 

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 
-from ingest import checkpoint, db, fetcher
-from ingest.api import LANES, ApiClient
-from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
-from ingest.cursors import encode_cursor
-from ingest.fetcher import FetchContext, current_lower, fetch_partition, help_others, steal, walk
-from ingest.loader import load_ready
-from ingest.pacing import SharedRateLimiter
-from ingest.segments import SegmentStore
 from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.sink import db
+from ingest.sink.loader import load_ready
+from ingest.sink.segments import SegmentStore
+from ingest.source import checkpoint, fetcher
+from ingest.source.api import LANES, ApiClient
+from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.cursors import encode_cursor
+from ingest.source.fetcher import FetchContext, current_lower, fetch_partition, help_others, steal, walk
+from ingest.source.pacing import SharedRateLimiter
 from tests.e2e import assert_exact
 
 RATES = {"feed": 40.0, "events": 10.0, "events_query": 5.0}

@@ -23,10 +23,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from loguru import logger
 
-import ingest.loader as loader_module
-from ingest import db
+import ingest.sink.loader as loader_module
 from ingest.config import Config
-from ingest.loader import (
+from ingest.counters import SharedCounters
+from ingest.sink import db
+from ingest.sink.loader import (
     COPY_STAGING,
     STAGING_DDL,
     LoadResult,
@@ -41,9 +42,8 @@ from ingest.loader import (
     split_lines,
     whole_lines,
 )
-from ingest.normalise import normalise_page
-from ingest.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
-from ingest.stats import SharedCounters
+from ingest.sink.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
+from ingest.source.normalise import normalise_page
 from ingest.tsv import EVENT_LINE_END, encode_row
 
 BASE_MS = 1766946793000

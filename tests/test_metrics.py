@@ -11,7 +11,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.metrics import (
+from ingest.counters import COUNTER_NAMES
+from ingest.run.metrics import (
     COUNTERS,
     HEALTH_CODES,
     MetricsServer,
@@ -19,7 +20,6 @@ from ingest.metrics import (
     start_metrics_server,
     to_metrics,
 )
-from ingest.stats import COUNTER_NAMES
 
 TIMEOUT = 10
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.normalise import (
+from ingest.source.normalise import (
     _api_stamp,
     _from_number,
     _from_text,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ingest.pacing import (
+from ingest.source.pacing import (
     DECREASE,
     PaceParams,
     PaceState,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.checkpoint import Checkpoint
-from ingest.plan import (
+from ingest.source.checkpoint import Checkpoint
+from ingest.source.plan import (
     best_cut,
     choose_lanes,
     choose_split,
@@ -128,8 +128,8 @@ def test_split_range_sizes_follow_weights() -> None:
 
 
 def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = False, at: int | None = None) -> Any:
-    from ingest.checkpoint import PartitionState
-    from ingest.cursors import encode_cursor
+    from ingest.source.checkpoint import PartitionState
+    from ingest.source.cursors import encode_cursor
 
     cursor = encode_cursor("ffffffff-ffff-ffff-ffff-ffffffffffff", at, 1) if at is not None else None
     return PartitionState(index=index, source=source, lower_ms=lower, upper_ms=upper, cursor=cursor, done=done)

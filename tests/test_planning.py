@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from ingest.api import ApiClient
 from ingest.config import Config
+from ingest.run.supervisor import make_plan
 from ingest.simulator import SimulatorConfig, spawn_simulator, start_simulator
-from ingest.supervisor import make_plan
+from ingest.source.api import ApiClient
 
 TIME_START = 1766946793000  # the simulator's oldest event
 

@@ -13,8 +13,8 @@ import psycopg2
 import pytest
 import requests
 
-from ingest import checkpoint
-from ingest.cursors import decode_cursor
+from ingest.source import checkpoint
+from ingest.source.cursors import decode_cursor
 from tests.e2e import (
     assert_exact,
     assert_no_secrets,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.segments import (
+from ingest.sink.segments import (
     STATES,
     RotationLimits,
     SegmentStore,

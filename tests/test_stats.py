@@ -7,8 +7,8 @@ import os
 import signal
 from typing import Any
 
-from ingest.pacing import SharedRateLimiter
-from ingest.stats import ClientStatsPublisher, SharedCounters
+from ingest.counters import ClientStatsPublisher, SharedCounters
+from ingest.source.pacing import SharedRateLimiter
 
 
 def _count(counters: SharedCounters, times: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.normalise import _usual_line, normalise_event, normalise_page
+from ingest.source.normalise import _usual_line, normalise_event, normalise_page
 from ingest.tsv import COLUMNS, decode_row, encode_row
 
 # Everything PostgreSQL text can hold: any code point but NUL (and no lone surrogates).

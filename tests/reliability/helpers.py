@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import psycopg2
 
-from ingest import checkpoint
-from ingest.db import EmbeddedPostgres
-from ingest.loader import COPY_STAGING, STAGING_DDL
+from ingest.sink.db import EmbeddedPostgres
+from ingest.sink.loader import COPY_STAGING, STAGING_DDL
+from ingest.source import checkpoint
 from tests.e2e import Run
 
 

@@ -18,10 +18,10 @@ import orjson
 import pytest
 import responses
 
-from ingest.api import ApiClient
 from ingest.config import Config
-from ingest.cursors import encode_cursor
 from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.source.api import ApiClient
+from ingest.source.cursors import encode_cursor
 from tests.e2e import assert_exact, ingest_env, run_to_end
 
 # Every case runs the model 100x faster: a 60 s window lasts 0.6 s, a cursor 1.2 s, and the

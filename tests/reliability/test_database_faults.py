@@ -13,8 +13,8 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ingest import db
-from ingest.db import dsn_for_database
+from ingest.sink import db
+from ingest.sink.db import dsn_for_database
 from tests.e2e import Run, assert_exact, ingest_env, loaded_segments, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     assert_checkpoint_intact,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ingest import checkpoint
-from ingest.checkpoint import Checkpoint, PartitionState
+from ingest.source import checkpoint
+from ingest.source.checkpoint import Checkpoint, PartitionState
 from tests.e2e import Run, assert_exact, fetched_rows, ingest_env, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     assert_checkpoint_intact,

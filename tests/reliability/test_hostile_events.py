@@ -19,13 +19,13 @@ from typing import Any
 import psycopg2
 import pytest
 
-from ingest import db
-from ingest.api import BadBody, parse_page
-from ingest.loader import load_segment
-from ingest.normalise import MAX_NESTING, deep_call, normalise_page
-from ingest.segments import SegmentStore, SegmentWriter, id_of
 from ingest.simulator import SimulatorConfig, start_simulator
 from ingest.simulator.hostile import HOSTILE_KINDS, hostile_json, storable
+from ingest.sink import db
+from ingest.sink.loader import load_segment
+from ingest.sink.segments import SegmentStore, SegmentWriter, id_of
+from ingest.source.api import BadBody, parse_page
+from ingest.source.normalise import MAX_NESTING, deep_call, normalise_page
 from tests.e2e import assert_exact, ingest_env, run_to_end
 
 TABLE = "events"

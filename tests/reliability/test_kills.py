@@ -17,13 +17,13 @@ import orjson
 import psycopg2
 import pytest
 
-from ingest import checkpoint
-from ingest.api import ApiClient
-from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
-from ingest.fetcher import FetchContext, fetch_partition
-from ingest.segments import SegmentStore, SegmentWriter, id_of
 from ingest.simulator import SimulatorConfig
+from ingest.sink.segments import SegmentStore, SegmentWriter, id_of
+from ingest.source import checkpoint
+from ingest.source.api import ApiClient
+from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.fetcher import FetchContext, fetch_partition
 from tests.e2e import Run, assert_exact, fetched_rows, ingest_env, loaded_segments, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     alive,
@@ -244,7 +244,7 @@ def _die_updating_the_counters(counters: Any) -> None:
 def test_a_child_killed_while_updating_the_counters_does_not_freeze_the_run() -> None:
     import multiprocessing as mp
 
-    from ingest.stats import SharedCounters
+    from ingest.counters import SharedCounters
 
     ctx = mp.get_context("spawn")
     counters = SharedCounters(ctx)

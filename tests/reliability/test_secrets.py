@@ -20,9 +20,9 @@ import psycopg2.extensions
 import pytest
 import responses
 
-from ingest.api import ApiClient, FatalApiError
 from ingest.config import Config
 from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.source.api import ApiClient, FatalApiError
 from tests.e2e import PROGRAM, assert_exact, assert_no_secrets, ingest_env, run_to_end
 
 PASSWORD = "pw-" + secrets.token_hex(8)

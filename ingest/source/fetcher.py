@@ -20,17 +20,17 @@ from typing import Any
 
 from loguru import logger
 
-from ingest import checkpoint
-from ingest.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, Stopped, lane_rates
-from ingest.checkpoint import PartitionState
 from ingest.config import Config
-from ingest.cursors import decode_cursor, position_cursor, refresh_cursor
+from ingest.counters import ClientStatsPublisher, SharedCounters
 from ingest.logs import configure_logging
-from ingest.normalise import normalise_page
-from ingest.pacing import SharedRateLimiter
-from ingest.plan import plan_steal, progress_mark
-from ingest.segments import SegmentStore, SegmentWriter
-from ingest.stats import ClientStatsPublisher, SharedCounters
+from ingest.sink.segments import SegmentStore, SegmentWriter
+from ingest.source import checkpoint
+from ingest.source.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, Stopped, lane_rates
+from ingest.source.checkpoint import PartitionState
+from ingest.source.cursors import decode_cursor, position_cursor, refresh_cursor
+from ingest.source.normalise import normalise_page
+from ingest.source.pacing import SharedRateLimiter
+from ingest.source.plan import plan_steal, progress_mark
 
 # Exit codes a fetcher process reports to the supervisor.
 EXIT_DRAINED = 0  # the partition is done

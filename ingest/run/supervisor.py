@@ -22,21 +22,22 @@ from typing import Any, BinaryIO
 import psycopg2
 from loguru import logger
 
-from ingest import checkpoint, db
-from ingest.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, lane_rates, make_limiters
-from ingest.checkpoint import Checkpoint, PartitionState
 from ingest.config import Config
-from ingest.cursors import decode_cursor
-from ingest.fetcher import EXIT_FATAL as FETCHER_FATAL
-from ingest.fetcher import fetcher_process, request_window, start_cursor
-from ingest.loader import EXIT_FATAL as LOADER_FATAL
-from ingest.loader import loader_process
-from ingest.metrics import MetricsServer, start_metrics_server
-from ingest.normalise import parse_timestamp
-from ingest.plan import choose_lanes, estimate_oldest, partitions_for, probe_depth, split_range
-from ingest.progress import Progress
-from ingest.segments import SegmentStore, reconcile, release
-from ingest.stats import SharedCounters
+from ingest.counters import SharedCounters
+from ingest.run.metrics import MetricsServer, start_metrics_server
+from ingest.run.progress import Progress
+from ingest.sink import db
+from ingest.sink.loader import EXIT_FATAL as LOADER_FATAL
+from ingest.sink.loader import loader_process
+from ingest.sink.segments import SegmentStore, reconcile, release
+from ingest.source import checkpoint
+from ingest.source.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, lane_rates, make_limiters
+from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.cursors import decode_cursor
+from ingest.source.fetcher import EXIT_FATAL as FETCHER_FATAL
+from ingest.source.fetcher import fetcher_process, request_window, start_cursor
+from ingest.source.normalise import parse_timestamp
+from ingest.source.plan import choose_lanes, estimate_oldest, partitions_for, probe_depth, split_range
 
 EXIT_OK = 0
 EXIT_FATAL = 1

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from ingest.checkpoint import Checkpoint, PartitionState
-from ingest.cursors import decode_cursor
+from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.cursors import decode_cursor
 
 # The lanes a source mode walks, newest windows first: the fastest lane gets the oldest
 # windows, the ones an estimate of the oldest event that is off makes emptier or fuller

@@ -1,6 +1,6 @@
 """Prometheus `/metrics` and `/health` for a running ingestion, served by the supervisor.
 
-The numbers live in counters shared by every process of the run (`ingest.stats`), so one
+The numbers live in counters shared by every process of the run (`ingest.counters`), so one
 collector that reads a snapshot at scrape time is correct across processes without
 prometheus-client's multiprocess mode (no per-process files, nothing to clean up after a
 crash). Which name each counter gets, and which HTTP code each health state gets, are
@@ -21,12 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingest.stats import COUNTER_NAMES
+from ingest.counters import COUNTER_NAMES
 
 Snapshot = Callable[[], Mapping[str, Any]]
 PREFIX = "datasync_"
 
-# Every shared counter (`ingest.stats.COUNTER_NAMES`) -> (metric name, help). A test keeps
+# Every shared counter (`ingest.counters.COUNTER_NAMES`) -> (metric name, help). A test keeps
 # this table complete, so a new counter cannot silently turn into a gauge.
 COUNTERS: dict[str, tuple[str, str]] = {
     "fetched": ("datasync_events_fetched_total", "Events (rejects included) written into sealed segments."),

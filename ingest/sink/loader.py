@@ -27,11 +27,12 @@ import psycopg2.extensions
 from loguru import logger
 from psycopg2 import sql
 
-from ingest import checkpoint, db
 from ingest.config import Config
+from ingest.counters import SharedCounters
 from ingest.logs import configure_logging
-from ingest.segments import SegmentStore, claim, id_of, reject, requeue, retire
-from ingest.stats import SharedCounters
+from ingest.sink import db
+from ingest.sink.segments import SegmentStore, claim, id_of, reject, requeue, retire
+from ingest.source import checkpoint
 from ingest.tsv import COLUMNS, EVENT_LINE_END, encode_row
 
 READ_SIZE = 1 << 20  # bytes per read of a segment: a load holds a few such chunks, never the segment
@@ -442,7 +443,7 @@ def loader_loop(
 # ---------------------------------------------------------------------------------------
 # Processes
 
-# What a load adds to the run's shared counters (`ingest.stats`), and how `load` names them.
+# What a load adds to the run's shared counters (`ingest.counters`), and how `load` names them.
 LOAD_COUNTERS = {
     "segments_loaded": "segments",
     "rows_loaded": "rows",

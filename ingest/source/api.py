@@ -40,15 +40,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from ingest.config import Config
-from ingest.cursors import (
+from ingest.logs import add_secrets, redact
+from ingest.source.cursors import (
     cursor_expiring,
     decode_cursor,
     position_cursor,
     refresh_cursor,
 )
-from ingest.logs import add_secrets, redact
-from ingest.normalise import decode_json
-from ingest.pacing import SharedRateLimiter, backoff, retry_after_seconds
+from ingest.source.normalise import decode_json
+from ingest.source.pacing import SharedRateLimiter, backoff, retry_after_seconds
 
 API_SUFFIX = "/api/v1"
 FEED_PATH = "/api/v1/events/d4ta/x7k9/feed"  # fallback when stream-access names none

@@ -27,11 +27,11 @@ import orjson
 import psutil
 import psycopg2
 
-from ingest import db
 from ingest.config import load_config
 from ingest.logs import configure_logging
+from ingest.run.supervisor import Supervisor
 from ingest.simulator import SimulatorConfig, measure_throughput, spawn_simulator
-from ingest.supervisor import Supervisor
+from ingest.sink import db
 
 BENCH_DIR = Path(".bench")
 

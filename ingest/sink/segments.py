@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from ingest.checkpoint import fsync_dir
+from ingest.source.checkpoint import fsync_dir
 
 STATES = ("open", "ready", "loading", "loaded", "rejected")
 SUFFIX = ".tsv"

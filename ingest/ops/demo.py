@@ -17,9 +17,9 @@ import orjson
 
 from ingest.config import load_config
 from ingest.logs import configure_logging
-from ingest.report import run_verify
+from ingest.ops.report import run_verify
+from ingest.run.supervisor import run
 from ingest.simulator import SimulatorConfig, spawn_simulator
-from ingest.supervisor import run
 
 
 @click.command()

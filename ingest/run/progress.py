@@ -14,10 +14,10 @@ import psutil
 from loguru import logger
 from tqdm import tqdm
 
-from ingest.checkpoint import Checkpoint
 from ingest.config import Config
-from ingest.segments import SegmentStore
-from ingest.stats import SharedCounters
+from ingest.counters import SharedCounters
+from ingest.sink.segments import SegmentStore
+from ingest.source.checkpoint import Checkpoint
 
 
 def eta_seconds(done: int, total: int | None, rate: float) -> float | None:

@@ -9,13 +9,14 @@ from typing import Any
 from loguru import logger
 from psycopg2 import sql
 
-from ingest import checkpoint, db
-from ingest.api import ApiClient, SourceUnavailable, make_limiters
 from ingest.config import Config
-from ingest.loader import load_ready
-from ingest.normalise import normalise_event
-from ingest.segments import SegmentStore
-from ingest.supervisor import database, prepare_database
+from ingest.run.supervisor import database, prepare_database
+from ingest.sink import db
+from ingest.sink.loader import load_ready
+from ingest.sink.segments import SegmentStore
+from ingest.source import checkpoint
+from ingest.source.api import ApiClient, SourceUnavailable, make_limiters
+from ingest.source.normalise import normalise_event
 
 
 def collect_status(config: Config) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`python -m ingest.tools.check_compose FILE`: catch compose mistakes before `docker compose up`.
+"""`python -m ingest.ops.check_compose FILE`: catch compose mistakes before `docker compose up`.
 
 No Docker engine is needed (CI and this project's machines have none), so the check is
 structural: known keys, a valid restart policy, healthcheck shape, declared volumes and
@@ -534,7 +534,7 @@ def check_file(path: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] in ("-h", "--help"):
-        print("usage: python -m ingest.tools.check_compose COMPOSE_FILE", file=sys.stderr)
+        print("usage: python -m ingest.ops.check_compose COMPOSE_FILE", file=sys.stderr)
         return 2
     problems = check_file(Path(args[0]))
     for problem in problems:

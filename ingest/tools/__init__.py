@@ -1,1 +1,0 @@
-"""Developer tools run by `make lint`; not part of the ingestion path."""
