@@ -28,7 +28,7 @@ from ingest.source.api import (
     Stopped,
     classify,
 )
-from ingest.source.cursors import FORGE_ID, decode_cursor, encode_cursor
+from ingest.source.cursors import CURSOR_TTL_MS, FORGE_ID, decode_cursor, encode_cursor
 from ingest.source.pacing import SharedRateLimiter
 
 HOST = "http://api.test"
@@ -528,7 +528,7 @@ def test_cursor_about_to_expire_is_refreshed_before_sending(
     client.fetch_page("events", cursor)
     sent = sent_cursor(mocked.calls[0])
     assert (sent["id"], sent["ts"]) == (EVENT_ID, 1769541553629)
-    assert sent["exp"] == int(START * 1000) + api.CURSOR_TTL_MS
+    assert sent["exp"] == int(START * 1000) + CURSOR_TTL_MS
     assert client.stats["cursor_refreshes"] == 1
 
 

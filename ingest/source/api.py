@@ -42,6 +42,7 @@ from urllib3.util.retry import Retry
 from ingest.config import Config
 from ingest.logs import add_secrets, redact
 from ingest.source.cursors import (
+    CURSOR_TTL_MS,
     cursor_expiring,
     decode_cursor,
     position_cursor,
@@ -61,7 +62,6 @@ BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Ge
 NOMINAL_TOKEN_TTL_S = 300.0
 NOMINAL_CURSOR_TTL_S = 120.0
 
-CURSOR_TTL_MS = 120_000  # the exp written into refreshed cursors (the server trusts it)
 CURSOR_MARGIN_S = 10.0  # refresh a cursor expiring sooner than this (x time unit)
 TOKEN_REFRESH_SHARE = 0.8  # renew a token once this share of its lifetime has passed
 TOKEN_ATTEMPTS = 5  # stream-access tries before the feed is declared unavailable

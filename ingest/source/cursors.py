@@ -22,6 +22,9 @@ from typing import Any
 CURSOR_VERSION = 2
 # Sorts after every lowercase UUID, so a forged cursor at `ts` never skips an event at `ts`
 # when ids tie-break descending; when they tie-break ascending it starts just below `ts`.
+# The `exp` we write into a cursor we refresh or forge: the API trusts it, and its own
+# cursors live about this long (datasync-api.md, "Cursors").
+CURSOR_TTL_MS = 120_000
 FORGE_ID = "ffffffff-ffff-ffff-ffff-ffffffffffff"
 
 

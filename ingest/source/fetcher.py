@@ -27,7 +27,7 @@ from ingest.sink.segments import SegmentStore, SegmentWriter
 from ingest.source import checkpoint
 from ingest.source.api import ApiClient, ApiError, FatalApiError, Page, SourceUnavailable, Stopped, lane_rates
 from ingest.source.checkpoint import PartitionState
-from ingest.source.cursors import decode_cursor, position_cursor, refresh_cursor
+from ingest.source.cursors import CURSOR_TTL_MS, decode_cursor, position_cursor, refresh_cursor
 from ingest.source.normalise import normalise_page
 from ingest.source.pacing import SharedRateLimiter
 from ingest.source.plan import plan_steal, progress_mark
@@ -38,7 +38,6 @@ EXIT_STOPPED = 0  # stopped on request; the checkpoint says where to resume
 EXIT_FATAL = 3  # a terminal error (bad key...): restarting cannot help
 EXIT_RETRYABLE = 4  # retries exhausted on a transient fault: a restart may help
 
-CURSOR_TTL_MS = 110_000
 # Out of space (or over a file-size limit): restarting cannot help until space returns.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 BACKPRESSURE_POLL_S = 0.2
