@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from ingest.config import Config, build_config, read_dotenv
-from ingest.run.metrics import start_metrics_server
 from ingest.ops import check_compose as cc
+from ingest.run.metrics import start_metrics_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
