@@ -26,6 +26,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ingest tests
 	$(BIN)/mypy ingest
+	$(BIN)/lint-imports  # the one way down: contracts in setup.cfg
 	$(BIN)/hadolint docker/Dockerfile
 	$(BIN)/python -m ingest.ops.check_compose docker/docker-compose.yml
 

@@ -18,8 +18,8 @@ import orjson
 
 from ingest.config import Config, ConfigError, load_config, option_name
 from ingest.logs import configure_logging
+from ingest.run.exits import ExitCode
 
-EXIT_USAGE = 2
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
@@ -54,7 +54,7 @@ def config_or_exit(cli_values: dict[str, Any], required: tuple[str, ...] = ("api
         return load_config(cli_values, required)
     except ConfigError as exc:
         click.echo(f"datasync-ingest: configuration error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
 
 
 class DefaultRunGroup(click.Group):
@@ -73,7 +73,7 @@ class DefaultRunGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("datasync-ingest: aborted", err=True)
-            sys.exit(130)
+            sys.exit(ExitCode.SIGINT)
         sys.exit(code if isinstance(code, int) else 0)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -120,7 +120,7 @@ def usable_data_dir_or_exit(config: Config) -> None:
         problem = f"cannot be created ({exc.strerror or exc})"
     if problem:
         click.echo(f"datasync-ingest: configuration error: --data-dir (INGEST_DATA_DIR) {path} {problem}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
 
 
 LOCAL_FIELDS = ("database_url", "data_dir", "table", "log_format", "log_level", "workers", "keep_segments")
@@ -148,7 +148,7 @@ def verify(sample: int, **cli_values: Any) -> None:
 
     report = run_verify(config, sample)
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-    sys.exit(0 if report.get("match") else 1)
+    sys.exit(ExitCode.OK if report.get("match") else ExitCode.FAILED)
 
 
 @main.command(context_settings=CONTEXT)

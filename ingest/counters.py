@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 COUNTER_NAMES = (
-    "fetched",  # events and rejects written into sealed segments
+    "events_fetched",  # events and rejects written into sealed segments
     "pages",
     "requests",
     "retries",
@@ -20,7 +20,7 @@ COUNTER_NAMES = (
     "token_refreshes",
     "cursor_refreshes",
     "bytes",
-    "loaded",  # events inserted into the table
+    "events_loaded",  # events inserted into the table
     "rows_loaded",  # segment lines loaded: events, duplicates and rejects
     "duplicates",
     "rejected",

@@ -17,7 +17,7 @@ import responses
 from loguru import logger
 
 from ingest.config import Config
-from ingest.source import api
+from ingest.source import api, retries
 from ingest.source.api import (
     Action,
     ApiClient,
@@ -648,7 +648,7 @@ def test_default_sleep_is_interruptible(config: Config, mocked: responses.Reques
 
 @pytest.mark.parametrize(("consecutive", "floor"), [(1, 0.0), (2, 0.5), (3, 1.0), (5, 4.0), (9, 30.0), (40, 30.0)])
 def test_repeated_429s_back_off_whatever_retry_after_says(consecutive: int, floor: float) -> None:
-    assert api.repeated_429_floor(consecutive) == floor
+    assert retries.repeated_429_floor(consecutive) == floor
 
 
 def test_a_storm_of_retry_after_zero_still_backs_off(

@@ -12,8 +12,8 @@ from ingest.source.checkpoint import Checkpoint, CheckpointError, PartitionState
 
 
 def make(path: Path, partitions: int = 2) -> Checkpoint:
-    plan = Checkpoint(generation="abcd1234", source="feed", total=100, newest_ms=1000)
-    plan.partitions = [PartitionState(index=i, source="feed", lower_ms=0, upper_ms=1000) for i in range(partitions)]
+    plan = Checkpoint(generation="abcd1234", mode="feed", total=100, newest_ms=1000)
+    plan.partitions = [PartitionState(index=i, lane="feed", lower_ms=0, upper_ms=1000) for i in range(partitions)]
     checkpoint.write(path, plan)
     return plan
 

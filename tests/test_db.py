@@ -67,22 +67,27 @@ def test_schema_is_idempotent_and_quotes_the_table_name(pg_conn: psycopg2.extens
 
 
 @pytest.mark.parametrize(
-    "pgcode, operational, transient",
+    "pgcode, base, action",
     [
-        (None, True, True),  # connection lost: libpq gives no SQLSTATE
-        ("57P01", True, True),  # admin shutdown
-        ("53100", False, True),  # disk full
-        ("40P01", False, True),  # deadlock detected
-        ("42P01", False, False),  # undefined table
-        ("22P02", False, False),  # invalid text representation
+        (None, psycopg2.OperationalError, db.Action.RETRY),  # connection lost: libpq gives no SQLSTATE
+        (None, psycopg2.InterfaceError, db.Action.RETRY),  # connection already closed
+        (None, psycopg2.ProgrammingError, db.Action.FAIL),
+        ("57P01", psycopg2.OperationalError, db.Action.RETRY),  # admin shutdown
+        ("08006", psycopg2.OperationalError, db.Action.RETRY),  # connection failure
+        ("53100", psycopg2.DatabaseError, db.Action.RETRY),  # disk full
+        ("40P01", psycopg2.DatabaseError, db.Action.RETRY),  # deadlock detected
+        ("42P01", psycopg2.DatabaseError, db.Action.FAIL),  # undefined table
+        ("42501", psycopg2.OperationalError, db.Action.FAIL),  # insufficient privilege
+        ("22P02", psycopg2.DatabaseError, db.Action.FAIL),  # invalid text representation, not as a DataError
+        ("22P02", psycopg2.DataError, db.Action.REJECT),  # the same, as psycopg2 raises it
+        ("23505", psycopg2.IntegrityError, db.Action.REJECT),  # unique violation
+        (None, psycopg2.DataError, db.Action.REJECT),
     ],
 )
-def test_is_transient(pgcode: str | None, operational: bool, transient: bool) -> None:
-    base = psycopg2.OperationalError if operational else psycopg2.DatabaseError
-
+def test_database_outcomes(pgcode: str | None, base: type[psycopg2.Error], action: db.Action) -> None:
     class Fake(base):  # type: ignore[misc, valid-type]
         pass
 
     error = Fake("boom")
     Fake.pgcode = pgcode  # type: ignore[attr-defined]
-    assert db.is_transient(error) is transient
+    assert db.classify(error) is action

@@ -12,15 +12,16 @@ from typing import Any
 import pytest
 
 from ingest.config import Config
+from ingest.run.children import fetch_context, load_ready
 from ingest.simulator import SimulatorConfig, start_simulator
 from ingest.sink import db
-from ingest.sink.loader import load_ready
 from ingest.sink.segments import SegmentStore
 from ingest.source import checkpoint, fetcher
-from ingest.source.api import LANES, ApiClient
+from ingest.source.api import ApiClient
 from ingest.source.checkpoint import Checkpoint, PartitionState
 from ingest.source.cursors import encode_cursor
 from ingest.source.fetcher import FetchContext, current_lower, fetch_partition, help_others, steal, walk
+from ingest.source.lanes import LANES
 from ingest.source.pacing import SharedRateLimiter
 from tests.e2e import assert_exact
 
@@ -44,14 +45,14 @@ def setup(sim: Any, data_dir: Path, parts: list[PartitionState]) -> tuple[Config
         rate_window=0.01, log_format="text",
     )
     plan = Checkpoint(
-        generation="0badcafe", source="feed", total=12_000, newest_ms=NEWEST, oldest_ms=OLDEST, partitions=parts
+        generation="0badcafe", mode="feed", total=12_000, newest_ms=NEWEST, oldest_ms=OLDEST, partitions=parts
     )
     checkpoint.write(config.state_path, plan)
     ctx = mp.get_context("spawn")
     client = ApiClient(config, {lane: SharedRateLimiter(1000, 0.01, ctx=ctx) for lane in LANES})
     store = SegmentStore(config.segments_dir)
     store.ensure()
-    fetch = FetchContext(config, "0badcafe", client, store, lambda: False, lambda seconds: False)
+    fetch = fetch_context(config, "0badcafe", client, lambda: False, lambda seconds: False)
     return config, fetch
 
 
@@ -66,8 +67,8 @@ def load_all(config: Config, dsn: str) -> None:
 def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, source: str) -> None:
     middle = 1768000000000
     parts = [
-        PartitionState(index=0, source=source, lower_ms=middle, upper_ms=NEWEST + 1),
-        PartitionState(index=1, source=source, lower_ms=0, upper_ms=middle),
+        PartitionState(index=0, lane=source, lower_ms=middle, upper_ms=NEWEST + 1),
+        PartitionState(index=1, lane=source, lower_ms=0, upper_ms=middle),
     ]
     config, fetch = setup(sim, data_dir, parts)
     assert fetch_partition(fetch, parts[0]) and fetch_partition(fetch, parts[1])
@@ -84,7 +85,7 @@ def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, 
 def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_cut(
     sim: Any, data_dir: Path, pg_dsn: str
 ) -> None:
-    victim = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1)
+    victim = PartitionState(index=0, lane="feed", lower_ms=0, upper_ms=NEWEST + 1)
     config, fetch = setup(sim, data_dir, [victim])
     stolen: list[PartitionState] = []
 
@@ -112,7 +113,7 @@ def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_
 
 
 def test_nothing_worth_stealing(sim: Any, data_dir: Path) -> None:
-    config, _ = setup(sim, data_dir, [PartitionState(index=0, source="feed", lower_ms=0, upper_ms=10, done=True)])
+    config, _ = setup(sim, data_dir, [PartitionState(index=0, lane="feed", lower_ms=0, upper_ms=10, done=True)])
     assert steal(config.state_path, "feed", page_limit=1000, rates=RATES) is None
     state = checkpoint.read(config.state_path)
     assert state is not None and len(state.partitions) == 1
@@ -121,18 +122,18 @@ def test_nothing_worth_stealing(sim: Any, data_dir: Path) -> None:
 def test_a_fetcher_of_the_other_lane_takes_over_half_on_its_own_lane(sim: Any, data_dir: Path, pg_dsn: str) -> None:
     # Walked 1 ms of its window so far (a cursor at the newest event): all left to do.
     at_top = encode_cursor("ffffffff-ffff-ffff-ffff-ffffffffffff", NEWEST, 0)
-    feed = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1, rows=1000, cursor=at_top)
-    idle = PartitionState(index=1, source="events", lower_ms=0, upper_ms=0, done=True)
+    feed = PartitionState(index=0, lane="feed", lower_ms=0, upper_ms=NEWEST + 1, rows=1000, cursor=at_top)
+    idle = PartitionState(index=1, lane="events", lower_ms=0, upper_ms=0, done=True)
     config, fetch = setup(sim, data_dir, [feed, idle])
     taken = steal(config.state_path, "events", page_limit=1000, rates=RATES)
-    assert taken is not None and taken.source == "events" and taken.lower_ms == 0
+    assert taken is not None and taken.lane == "events" and taken.lower_ms == 0
     assert fetch_partition(fetch, taken) and fetch_partition(fetch, feed)
     load_all(config, pg_dsn)
     assert_exact(pg_dsn, sim.truth())
 
 
 def test_a_lane_with_enough_walkers_does_not_steal(sim: Any, data_dir: Path) -> None:
-    walks = [PartitionState(index=i, source="feed", lower_ms=i * 10**12, upper_ms=(i + 1) * 10**12) for i in range(4)]
+    walks = [PartitionState(index=i, lane="feed", lower_ms=i * 10**12, upper_ms=(i + 1) * 10**12) for i in range(4)]
     config, _ = setup(sim, data_dir, walks)
     assert steal(config.state_path, "feed", page_limit=1000, rates=RATES) is None, "four feed walkers keep the feed busy"
     assert steal(config.state_path, "events", page_limit=1000, rates=RATES) is not None, "nobody walks /events"
@@ -143,8 +144,8 @@ def test_an_idle_fetcher_helps_until_no_walk_moves(
 ) -> None:
     monkeypatch.setattr(fetcher, "STEAL_PATIENCE_S", 0.2)
     # Nothing committed yet: the split goes by the plan's density, not by measured progress.
-    feed = PartitionState(index=0, source="feed", lower_ms=0, upper_ms=NEWEST + 1)
-    idle = PartitionState(index=1, source="events", lower_ms=0, upper_ms=0, done=True)
+    feed = PartitionState(index=0, lane="feed", lower_ms=0, upper_ms=NEWEST + 1)
+    idle = PartitionState(index=1, lane="events", lower_ms=0, upper_ms=0, done=True)
     config, fetch = setup(sim, data_dir, [feed, idle])
     help_others(fetch, "events")  # halves of what is left, until the rest is too small to split
     state = checkpoint.read(config.state_path)
@@ -161,11 +162,11 @@ def test_a_refused_query_string_lane_goes_on_in_the_header_lane(data_dir: Path, 
     refusing = SimulatorConfig(events=3_000, latency="none", rate_limits=False, chaos="none", query_auth=False)
     simulator = start_simulator(refusing)
     try:
-        part = PartitionState(index=0, source="events_query", lower_ms=0, upper_ms=NEWEST + 1)
+        part = PartitionState(index=0, lane="events_query", lower_ms=0, upper_ms=NEWEST + 1)
         config, fetch = setup(simulator, data_dir, [part])
         assert walk(fetch, part) == (True, "events")
         state = checkpoint.read(config.state_path)
-        assert state is not None and state.partitions[0].source == "events" and state.drained
+        assert state is not None and state.partitions[0].lane == "events" and state.drained
         load_all(config, pg_dsn)
         assert_exact(pg_dsn, simulator.truth())
     finally:
@@ -173,7 +174,7 @@ def test_a_refused_query_string_lane_goes_on_in_the_header_lane(data_dir: Path, 
 
 
 def test_a_lane_turned_off_on_resume_hands_its_walk_to_the_header_lane(sim: Any, data_dir: Path, pg_dsn: str) -> None:
-    part = PartitionState(index=0, source="events_query", lower_ms=0, upper_ms=NEWEST + 1)
+    part = PartitionState(index=0, lane="events_query", lower_ms=0, upper_ms=NEWEST + 1)
     config, fetch = setup(sim, data_dir, [part])
     fetch.config = replace(config, query_rate=0.0)
     assert walk(fetch, part) == (True, "events")

@@ -24,8 +24,11 @@ from hypothesis import strategies as st
 from loguru import logger
 
 import ingest.sink.loader as loader_module
+import ingest.sink.pool as pool_module
 from ingest.config import Config
 from ingest.counters import SharedCounters
+from ingest.run import children
+from ingest.run.children import load_ready
 from ingest.sink import db
 from ingest.sink.loader import (
     COPY_STAGING,
@@ -34,14 +37,11 @@ from ingest.sink.loader import (
     direct_rows,
     event_rows_only,
     find_first_bad_line,
-    load_ready,
     load_segment,
-    loader_loop,
-    loader_process,
-    retry_delay,
     split_lines,
     whole_lines,
 )
+from ingest.sink.pool import loader_loop
 from ingest.sink.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
 from ingest.source.normalise import normalise_page
 from ingest.tsv import EVENT_LINE_END, encode_row
@@ -478,10 +478,6 @@ def test_bisection_finds_the_first_bad_line(conn: psycopg2.extensions.connection
     assert count(conn, TABLE) == 0  # probing leaves nothing behind
 
 
-def test_retry_delay_backs_off_to_a_cap() -> None:
-    assert [retry_delay(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-
-
 # ---------------------------------------------------------------------------------------
 # loader_loop
 
@@ -567,7 +563,7 @@ def _loader_dying_before_retire(config: Config, dsn: str, marker: str) -> None:
         while True:
             time.sleep(1)
 
-    loader_module.retire = hang  # type: ignore[assignment]
+    pool_module.retire = hang  # type: ignore[assignment]
     loader_loop(config, dsn, lambda: False, lambda: True)
 
 
@@ -582,7 +578,7 @@ def restart_and_check(
     store = SegmentStore(config.segments_dir)
     reconcile(store, db.ledger_ids(conn))
     totals = load_ready(config, dsn, workers=2)
-    assert (totals["segments"], totals["duplicates"]) == (segments - committed, 0)
+    assert (totals["segments_loaded"], totals["duplicates"]) == (segments - committed, 0)
     assert_exactly(conn, ids)
     assert len(ledger(conn)) == segments
     assert store.counts() == {"open": 0, "ready": 0, "loading": 0, "loaded": 0, "rejected": 0}
@@ -653,7 +649,8 @@ def run_pool(data_dir: Path, store: SegmentStore, dsn: str, segments: int, rows:
     started = time.perf_counter()
     totals = load_ready(make_config(data_dir), dsn, workers)
     elapsed = time.perf_counter() - started
-    assert totals == {"segments": segments, "rows": segments * rows, "inserted": segments * rows, "duplicates": 0, "rejected": 0}
+    assert totals == {"segments_loaded": segments, "rows_loaded": segments * rows, "events_loaded": segments * rows,
+                      "duplicates": 0, "rejected": 0}
     return elapsed
 
 
@@ -709,13 +706,13 @@ def test_terminal_database_error_requeues_and_raises(data_dir: Path, store: Segm
 
 def test_loader_process_counts_and_stops_on_request(data_dir: Path, store: SegmentStore, dsn: str) -> None:
     ctx = multiprocessing.get_context("spawn")
-    fetch_done, stop = ctx.Event(), ctx.Event()
+    fetch_done, stop, errors = ctx.Event(), ctx.Event(), ctx.Queue()
     counters = SharedCounters(ctx)
     seal(store, 1, [api_event(n) for n in range(300)] + [{"no": "id"}])
-    proc = ctx.Process(target=loader_process, args=(make_config(data_dir), dsn, fetch_done, stop, counters))
-    proc.start()
+    proc = children.start(ctx, "loader", 0, children.loader, make_config(data_dir), stop, counters, errors,
+                          dsn, fetch_done)
     try:
-        wait_for(lambda: counters.snapshot()["loaded"] == 300, "the segment to load")
+        wait_for(lambda: counters.snapshot()["events_loaded"] == 300, "the segment to load")
         assert proc.is_alive()  # fetch not done: waits for more
         stop.set()
         proc.join(60)
@@ -724,16 +721,15 @@ def test_loader_process_counts_and_stops_on_request(data_dir: Path, store: Segme
             proc.kill()
     assert proc.exitcode == 0
     snapshot = counters.snapshot()
-    assert [snapshot[k] for k in ("segments_loaded", "rows_loaded", "loaded", "duplicates", "rejected")] == [
+    assert [snapshot[k] for k in ("segments_loaded", "rows_loaded", "events_loaded", "duplicates", "rejected")] == [
         1, 301, 300, 0, 1
     ]
 
 
 def _parent_of_a_loader(config: Config, dsn: str, pid_file: str) -> None:
     ctx = multiprocessing.get_context("spawn")
-    fetch_done, stop = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, ctx.Value("q", 0)))
-    child.start()
+    fetch_done, stop, errors, counters = ctx.Event(), ctx.Event(), ctx.Queue(), SharedCounters(ctx)
+    child = children.start(ctx, "loader", 0, children.loader, config, stop, counters, errors, dsn, fetch_done)
     Path(pid_file).write_text(str(child.pid))
     child.join()
 

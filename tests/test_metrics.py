@@ -71,7 +71,7 @@ def scrape(server: MetricsServer) -> dict[str, float]:
 
 def test_counters_move_between_scrapes(server: MetricsServer, source: Source) -> None:
     assert server.port > 0
-    source.values.update(fetched=120, loaded=100, requests=7, http_429=1, retries=2)
+    source.values.update(events_fetched=120, events_loaded=100, requests=7, http_429=1, retries=2)
     first = scrape(server)
     assert first["datasync_events_fetched_total"] == 120
     assert first["datasync_events_loaded_total"] == 100
@@ -80,7 +80,7 @@ def test_counters_move_between_scrapes(server: MetricsServer, source: Source) ->
     assert first["datasync_retries_total"] == 2
     assert first["datasync_http_5xx_total"] == 0
 
-    source.values.update(fetched=250, loaded=240, requests=9, http_5xx=3)
+    source.values.update(events_fetched=250, events_loaded=240, requests=9, http_5xx=3)
     second = scrape(server)
     assert second["datasync_events_fetched_total"] == 250
     assert second["datasync_events_loaded_total"] == 240
@@ -107,7 +107,7 @@ def test_failing_snapshot_gives_500_and_the_server_survives(server: MetricsServe
     response = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=TIMEOUT)
     assert response.status_code == 500
     source.fail = False
-    source.values["loaded"] = 5
+    source.values["events_loaded"] = 5
     assert scrape(server)["datasync_events_loaded_total"] == 5
 
 
@@ -163,10 +163,11 @@ def test_health_table() -> None:
     assert health_code("starting-typo") == 503
 
 
-def test_aliases_export_one_counter_and_the_canonical_key_wins() -> None:
-    families = to_metrics({"events_loaded": 5, "loaded": 7, "events_fetched": 9})
+def test_the_progress_names_are_the_counter_names() -> None:
+    """One vocabulary: what the progress line calls a counter is what the metric is named after."""
+    families = to_metrics({"events_loaded": 5, "events_fetched": 9})
     values = {f.name: f.samples[0].value for f in families}
-    assert values == {"datasync_events_loaded": 7, "datasync_events_fetched": 9}
+    assert values == {"datasync_events_loaded": 5, "datasync_events_fetched": 9}
     assert {f.type for f in families} == {"counter"}
 
 

@@ -16,7 +16,6 @@ from ingest.source.pacing import (
     PaceParams,
     PaceState,
     SharedRateLimiter,
-    backoff,
     initial_state,
     make_params,
     observe,
@@ -175,26 +174,6 @@ def test_retry_after_seconds(headers: dict[str, str], body: dict[str, Any] | Non
         assert result is None
     else:
         assert result == pytest.approx(expected, abs=0.01)
-
-
-class MidRng:
-    """uniform() returns the midpoint: backoff without jitter."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return (a + b) / 2
-
-
-def test_backoff_doubles_up_to_the_cap() -> None:
-    assert [backoff(n, rng=MidRng()) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-    assert backoff(1, base=0.01, cap=0.3, rng=MidRng()) == pytest.approx(0.01)
-    assert backoff(10_000, rng=MidRng()) == 30
-
-
-def test_backoff_jitter_stays_in_bounds() -> None:
-    rng = random.Random(3)
-    values = [backoff(3, jitter=0.2, rng=rng) for _ in range(200)]
-    assert all(3.2 <= v <= 4.8 for v in values)
-    assert len(set(values)) > 100
 
 
 class FakeClock:

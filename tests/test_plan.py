@@ -118,7 +118,7 @@ def test_split_range_is_contiguous_and_complete(lanes: list[tuple[str, float]]) 
     for newer, older in itertools.pairwise(parts):
         assert newer.lower_ms == older.upper_ms
     assert [p.index for p in parts] == list(range(len(lanes)))
-    assert [p.source for p in parts] == [s for s, _ in lanes]
+    assert [p.lane for p in parts] == [s for s, _ in lanes]
 
 
 def test_split_range_sizes_follow_weights() -> None:
@@ -127,12 +127,12 @@ def test_split_range_sizes_follow_weights() -> None:
     assert parts[1].upper_ms - parts[1].lower_ms == 25_000
 
 
-def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = False, at: int | None = None) -> Any:
+def part(index: int, lower: int, upper: int, lane: str = "feed", done: bool = False, at: int | None = None) -> Any:
     from ingest.source.checkpoint import PartitionState
     from ingest.source.cursors import encode_cursor
 
     cursor = encode_cursor("ffffffff-ffff-ffff-ffff-ffffffffffff", at, 1) if at is not None else None
-    return PartitionState(index=index, source=source, lower_ms=lower, upper_ms=upper, cursor=cursor, done=done)
+    return PartitionState(index=index, lane=lane, lower_ms=lower, upper_ms=upper, cursor=cursor, done=done)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def part(index: int, lower: int, upper: int, source: str = "feed", done: bool = 
         ([part(0, 100, 200, at=150), part(1, 0, 100, at=90)], 10, (1, 32)),  # 80% of 4 pages
         ([part(0, 100, 200), part(1, 0, 100, at=20)], 10, (0, 140)),
         # any lane: a fetcher of one lane helps a slower partition of the other
-        ([part(0, 100, 200, done=True), part(1, 0, 100, source="events", at=60)], 10, (1, 16)),
+        ([part(0, 100, 200, done=True), part(1, 0, 100, lane="events", at=60)], 10, (1, 16)),
         # two pages left (a committed position may be a page behind the walk): one each
         ([part(0, 0, 100, at=30)], 10, (0, 8)),
         ([part(0, 0, 100, at=20)], 10, None),
@@ -203,7 +203,7 @@ def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: floa
         ([part(i, i * 1000, i * 1000 + 1000) for i in range(5)], "events", (0, 480)),
         # the victim is the walk that will take longest, not the longest span: a query walk
         # of 600 ms (at 5) outlasts a feed walk of 1000 ms (at 10)
-        ([part(0, 0, 1000), part(1, 2000, 2600, source=QUERY)], "feed", (1, 2000 + 320)),
+        ([part(0, 0, 1000), part(1, 2000, 2600, lane=QUERY)], "feed", (1, 2000 + 320)),
     ],
 )
 def test_choose_split_sizes_the_parts_by_walker_speed(parts: list[Any], thief: str, expected: tuple[int, int]) -> None:
@@ -222,7 +222,7 @@ def test_choose_split_sizes_the_parts_by_walker_speed(parts: list[Any], thief: s
     ],
 )
 def test_walker_speed(lanes: list[str], lane: str, joining: int, expected: float) -> None:
-    parts = [part(i, 0, 1000, source=source) for i, source in enumerate(lanes)]
+    parts = [part(i, 0, 1000, lane=source) for i, source in enumerate(lanes)]
     assert walker_speed(parts, lane, RATES, joining) == expected
 
 
@@ -288,14 +288,14 @@ def test_a_bottom_walk_that_outgrew_the_estimate_is_still_split() -> None:
     # The estimate said the data ends at 900,000; the bottom walk is at 850,000 with a
     # third of the events still to fetch: a fetcher with nothing to do must help it.
     parts = walks((1_000_000, 2_000_000, 1_000_000, 4000, True), (0, 1_000_000, 850_000, 1000, False))
-    plan = Checkpoint(generation="g", source="mixed", total=7500, newest_ms=2_000_000, oldest_ms=900_000, partitions=parts)
+    plan = Checkpoint(generation="g", mode="mixed", total=7500, newest_ms=2_000_000, oldest_ms=900_000, partitions=parts)
     choice = plan_steal(plan, "events", 1000, RATES)
     assert choice is not None and choice[0] == 1 and choice[1] < 850_000
 
 
 def test_no_steal_while_the_lane_is_busy() -> None:
     parts = [part(i, i * 1000, i * 1000 + 1000) for i in range(4)]
-    plan = Checkpoint(generation="g", source="feed", total=4000, newest_ms=4000, oldest_ms=0, partitions=parts)
+    plan = Checkpoint(generation="g", mode="feed", total=4000, newest_ms=4000, oldest_ms=0, partitions=parts)
     assert plan_steal(plan, "feed", 100, RATES) is None
     assert plan_steal(plan, "events", 100, RATES) is not None
 
@@ -320,7 +320,7 @@ def test_planned_ms_per_event(total: int | None, newest: int | None, oldest: int
     ],
 )
 def test_lane_needs_walker(lanes: list[tuple[str, bool]], lane: str, expected: bool) -> None:
-    parts = [part(i, 0, 1000, source=source, done=done) for i, (source, done) in enumerate(lanes)]
+    parts = [part(i, 0, 1000, lane=source, done=done) for i, (source, done) in enumerate(lanes)]
     assert lane_needs_walker(parts, lane) is expected
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from ingest.config import Config
-from ingest.run.supervisor import make_plan
 from ingest.simulator import SimulatorConfig, spawn_simulator, start_simulator
 from ingest.source.api import ApiClient
+from ingest.source.probe import make_plan
 
 TIME_START = 1766946793000  # the simulator's oldest event
 

@@ -111,7 +111,7 @@ def test_one_source_only(
     assert code == 0, log[-3000:]
     assert_exact(pg_dsn, simulator.truth())
     state = checkpoint.read(data_dir / "ingestion.state")
-    assert state is not None and {p.source for p in state.partitions} == lanes
+    assert state is not None and {p.lane for p in state.partitions} == lanes
     assert least_tokens <= simulator.stats().get("tokens_issued", 0) <= most_tokens
 
 

@@ -14,7 +14,7 @@ from ingest.source.pacing import SharedRateLimiter
 def _count(counters: SharedCounters, times: int) -> None:
     for _ in range(times):
         counters.add("pages")
-        counters.add_many({"fetched": 10, "requests": 1})
+        counters.add_many({"events_fetched": 10, "requests": 1})
 
 
 def test_rows_of_several_processes_add_up() -> None:
@@ -28,7 +28,7 @@ def test_rows_of_several_processes_add_up() -> None:
         assert p.exitcode == 0
     counters.add("restarts")
     snapshot = counters.snapshot()
-    assert (snapshot["pages"], snapshot["fetched"], snapshot["requests"], snapshot["restarts"]) == (1500, 15000, 1500, 1)
+    assert (snapshot["pages"], snapshot["events_fetched"], snapshot["requests"], snapshot["restarts"]) == (1500, 15000, 1500, 1)
 
 
 def test_rows_are_distinct_and_wrap_round() -> None:

@@ -10,12 +10,12 @@ from loguru import logger
 from psycopg2 import sql
 
 from ingest.config import Config
-from ingest.run.supervisor import database, prepare_database
+from ingest.run.children import load_ready
 from ingest.sink import db
-from ingest.sink.loader import load_ready
 from ingest.sink.segments import SegmentStore
 from ingest.source import checkpoint
 from ingest.source.api import ApiClient, SourceUnavailable, make_limiters
+from ingest.source.lanes import Lane
 from ingest.source.normalise import normalise_event
 
 
@@ -28,13 +28,13 @@ def collect_status(config: Config) -> dict[str, Any]:
         state, state_info = None, {"error": str(exc)}
     if state is not None:
         state_info = {
-            "source": state.source,
+            "mode": state.mode,
             "total_reported": state.total,
             "drained": state.drained,
             "rows_fetched": state.rows,
             "updated_at": state.updated_at,
             "partitions": [
-                {"index": p.index, "source": p.source, "done": p.done, "rows": p.rows, "last_sealed": p.last_sealed}
+                {"index": p.index, "lane": p.lane, "done": p.done, "rows": p.rows, "last_sealed": p.last_sealed}
                 for p in state.partitions
             ],
         }
@@ -44,7 +44,7 @@ def collect_status(config: Config) -> dict[str, Any]:
         "segments": store.counts() if config.segments_dir.exists() else {},
     }
     try:
-        with database(config) as dsn:
+        with db.database(config) as dsn:
             conn = db.connect(dsn)
             try:
                 db.ensure_schema(conn, config.table)
@@ -59,8 +59,8 @@ def collect_status(config: Config) -> dict[str, Any]:
 def run_load(config: Config) -> dict[str, Any]:
     store = SegmentStore(config.segments_dir)
     store.ensure()
-    with database(config) as dsn:
-        prepare_database(config, dsn, store)
+    with db.database(config) as dsn:
+        db.prepare_database(config, dsn, store)
         return load_ready(config, dsn, config.workers)
 
 
@@ -69,17 +69,17 @@ def crawl_source_ids(config: Config, sink: io.BufferedIOBase | Any) -> dict[str,
     to `sink`; count what no client could store."""
     ctx = mp.get_context("spawn")
     client = ApiClient(config, make_limiters(config, ctx))
-    source = "events" if config.source == "events" else "feed"
+    lane: Lane = "events" if config.source == "events" else "feed"
     counts = {"events": 0, "unstorable": 0, "pages": 0}
     cursor: str | None = None
     try:
         while True:
             try:
-                page = client.fetch_page(source, cursor, limit=config.page_limit)
+                page = client.fetch_page(lane, cursor, limit=config.page_limit)
             except SourceUnavailable:
                 if config.source == "feed":
                     raise
-                source, cursor = "events", None
+                lane, cursor = "events", None
                 continue
             counts["pages"] += 1
             for event in page.events:
@@ -115,7 +115,7 @@ def run_verify(config: Config, sample: int) -> dict[str, Any]:
     ids = io.BytesIO()
     counts = crawl_source_ids(config, ids)
     table = sql.Identifier(config.table)
-    with database(config) as dsn:
+    with db.database(config) as dsn:
         conn = db.connect(dsn)
         try:
             db.ensure_schema(conn, config.table)

@@ -29,7 +29,7 @@ PREFIX = "datasync_"
 # Every shared counter (`ingest.counters.COUNTER_NAMES`) -> (metric name, help). A test keeps
 # this table complete, so a new counter cannot silently turn into a gauge.
 COUNTERS: dict[str, tuple[str, str]] = {
-    "fetched": ("datasync_events_fetched_total", "Events (rejects included) written into sealed segments."),
+    "events_fetched": ("datasync_events_fetched_total", "Events (rejects included) written into sealed segments."),
     "pages": ("datasync_pages_total", "Pages of events received from the API."),
     "requests": ("datasync_requests_total", "HTTP requests sent to the API."),
     "retries": ("datasync_retries_total", "Requests retried after a transient failure."),
@@ -39,17 +39,13 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "token_refreshes": ("datasync_token_refreshes_total", "Stream tokens obtained again."),
     "cursor_refreshes": ("datasync_cursor_refreshes_total", "Cursors re-positioned after expiry or rejection."),
     "bytes": ("datasync_response_bytes_total", "Bytes of response bodies received from the API."),
-    "loaded": ("datasync_events_loaded_total", "Events inserted into the table."),
+    "events_loaded": ("datasync_events_loaded_total", "Events inserted into the table."),
     "rows_loaded": ("datasync_segment_rows_loaded_total", "Segment lines loaded: events, duplicates and rejects."),
     "duplicates": ("datasync_events_duplicate_total", "Events skipped because their id was already stored."),
     "rejected": ("datasync_events_rejected_total", "Events that could not be stored, kept in ingest_rejects."),
     "segments_loaded": ("datasync_segments_loaded_total", "Segments loaded and recorded in the ledger."),
     "restarts": ("datasync_child_restarts_total", "Crashed fetcher or loader processes restarted."),
 }
-
-# Snapshot keys that other parts of the program use for the same counters (the progress
-# line says `events_fetched`); they are exported under the counter's name, once.
-COUNTER_ALIASES: dict[str, str] = {"events_fetched": "fetched", "events_loaded": "loaded"}
 
 # Nested snapshot values -> (label name, help): `datasync_segments{state="ready"} 3`.
 LABELLED: dict[str, tuple[str, str]] = {"segments": ("state", "Segment files per state (folder).")}
@@ -106,11 +102,8 @@ def to_metrics(snapshot: Mapping[str, Any]) -> list[Metric]:
         number = _number(value)
         if number is None:
             continue
-        counter = COUNTER_ALIASES.get(name, name)
-        if counter in COUNTERS:
-            # The canonical key wins over an alias when a snapshot carries both.
-            if name == counter or counter not in counters:
-                counters[counter] = number
+        if name in COUNTERS:
+            counters[name] = number
         else:
             gauges[name] = number
     families: list[Metric] = []

@@ -53,11 +53,11 @@ class Progress:
     def snapshot(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         counters = self.counters.snapshot()
-        loaded = counters["loaded"]
+        loaded = counters["events_loaded"]
         rate = loaded / elapsed
         return {
             "elapsed_s": round(elapsed, 1),
-            "events_fetched": counters["fetched"],
+            "events_fetched": counters["events_fetched"],
             "events_loaded": loaded,
             "duplicates": counters["duplicates"],
             "rejected": counters["rejected"],
@@ -73,14 +73,14 @@ class Progress:
             "cursor_refreshes": counters["cursor_refreshes"],
             "restarts": counters["restarts"],
             "segments": self.store.counts(),
-            "checkpoint_lag_rows": max(0, counters["fetched"] - loaded),
+            "checkpoint_lag_rows": max(0, counters["events_fetched"] - loaded),
             "rss_mb": round(tree_rss_bytes() / 1e6, 1),
         }
 
     def update(self) -> None:
         now = time.monotonic()
         if self.bar is not None:
-            self.bar.update(self.counters.snapshot()["loaded"] - self.bar.n)
+            self.bar.update(self.counters.snapshot()["events_loaded"] - self.bar.n)
             return
         if now - self.last_line >= self.config.stats_interval:
             self.last_line = now

@@ -7,29 +7,54 @@ through `psycopg2.sql.Identifier`.
 
 from __future__ import annotations
 
+import enum
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+from loguru import logger
 from psycopg2 import sql
 
-# Errors worth retrying: the server went away or is restarting, or is out of resources, or
-# the transaction lost a deadlock or serialization conflict (two loaders inserting the same
-# ids in another order): connection, transaction rollback, insufficient resources,
-# operator intervention.
-TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+from ingest.config import Config
+from ingest.sink.segments import SegmentStore, reconcile
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors that a new connection and a retry can get past."""
+class Action(enum.Enum):
+    """What a loader does with a database error (the sink's twin of the API's outcome table)."""
+
+    RETRY = "retry"  # a new connection and a retry get past it: back off, same segment
+    REJECT = "reject"  # the segment's data is refused: reject the segment as a whole
+    FAIL = "fail"  # neither: put the claim back and end the loader
+
+
+# Refusals of the data itself, by exception class (first match along the MRO): a retry
+# would be refused the same way.
+DATA_REFUSALS: tuple[type[BaseException], ...] = (psycopg2.DataError, psycopg2.IntegrityError)
+# SQLSTATE class -> action, for every other error that carries a code. Worth retrying: the
+# server went away or is restarting (connection, operator intervention), is out of
+# resources, or the transaction lost a deadlock or serialization conflict (two loaders
+# inserting the same ids in another order).
+SQLSTATE_ACTIONS: dict[str, Action] = {"08": Action.RETRY, "40": Action.RETRY, "53": Action.RETRY, "57": Action.RETRY}
+# Errors without a SQLSTATE, by class: libpq gives none when the connection is lost.
+CODELESS_ACTIONS: dict[type[BaseException], Action] = {
+    psycopg2.OperationalError: Action.RETRY,
+    psycopg2.InterfaceError: Action.RETRY,
+}
+
+
+def classify(exc: BaseException) -> Action:
+    if isinstance(exc, DATA_REFUSALS):
+        return Action.REJECT
     code: str | None = getattr(exc, "pgcode", None)
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-        return code is None or code[:2] in TRANSIENT_SQLSTATE_CLASSES
-    return code is not None and code[:2] in TRANSIENT_SQLSTATE_CLASSES
+    if code is not None:
+        return SQLSTATE_ACTIONS.get(code[:2], Action.FAIL)
+    return next((CODELESS_ACTIONS[k] for k in type(exc).__mro__ if k in CODELESS_ACTIONS), Action.FAIL)
 
 
 # Bulk loading is not interactive work: a statement or lock timeout set for the database
@@ -210,3 +235,45 @@ def describe_error(exc: BaseException) -> str:
     """One line for the user: the first line of the server's message, never a password."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# The database a command works on
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used (cannot start, connect or prepare); the message is the
+    one line the user sees."""
+
+
+@contextmanager
+def database(config: Config) -> Iterator[str]:
+    """The DSN to load into: DATABASE_URL, or the embedded server in <data-dir>/pg."""
+    if config.database_url:
+        yield config.database_url
+        return
+    try:
+        server = EmbeddedPostgres.start(config.pg_dir)
+    except Exception as exc:  # the library raises assorted errors; the log holds details
+        raise DatabaseError(f"cannot start the embedded PostgreSQL in {config.pg_dir}: {exc}") from None
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+def prepare_database(config: Config, dsn: str, store: SegmentStore) -> None:
+    """Schema, then reconcile the segment folders against the ledger (DESIGN.md section 2)."""
+    try:
+        conn = connect(dsn)
+    except Exception as exc:
+        raise DatabaseError(f"cannot connect to the database: {describe_error(exc)}") from None
+    try:
+        ensure_schema(conn, config.table)
+        ledger = ledger_ids(conn)
+    except psycopg2.Error as exc:  # read-only, no privilege, cancelled...: one line, no traceback
+        raise DatabaseError(f"cannot prepare the database: {describe_error(exc)}") from None
+    finally:
+        conn.close()
+    report = reconcile(store, ledger, keep=config.keep_segments)
+    logger.info("reconciled segments: {}", report)

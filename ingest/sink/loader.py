@@ -12,31 +12,21 @@ work unless COPY refuses a line, and then only to cut that line out.
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
-import os
 import re
-import signal
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import psycopg2
 import psycopg2.extensions
 from loguru import logger
 from psycopg2 import sql
 
-from ingest.config import Config
-from ingest.counters import SharedCounters
-from ingest.logs import configure_logging
 from ingest.sink import db
-from ingest.sink.segments import SegmentStore, claim, id_of, reject, requeue, retire
-from ingest.source import checkpoint
 from ingest.tsv import COLUMNS, EVENT_LINE_END, encode_row
 
 READ_SIZE = 1 << 20  # bytes per read of a segment: a load holds a few such chunks, never the segment
-POLL_INTERVAL = 0.05  # seconds between looks at an empty ready/
 TEMP_BUFFERS = "64MB"  # keeps a large segment's staging table in memory
 
 STAGING_DDL = (
@@ -137,7 +127,7 @@ class _Chunks:
 
 def _copy(cur: psycopg2.extensions.cursor, statement: str, chunks: Iterable[bytes]) -> None:
     """COPY ... FROM STDIN fed with `chunks`. copy_expert reports an exception raised while
-    reading as a server error (query_canceled, which `db.is_transient` would retry for as
+    reading as a server error (query_canceled, which `db.classify` would retry for as
     long as the database may be down): a segment that cannot be read fails as itself."""
     source = _Chunks(chunks)
     try:
@@ -305,215 +295,3 @@ def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]
                 bad, reason = mid, copy_reason(error)
     conn.rollback()
     return bad - 1, reason
-
-
-# ---------------------------------------------------------------------------------------
-# The loop
-
-
-def retry_delay(attempt: int) -> float:
-    """Backoff for transient database errors: 0.5 s doubling to at most 30 s."""
-    return min(30.0, 0.5 * 2**attempt)
-
-
-def wait_or_stop(seconds: float, should_stop: Callable[[], bool]) -> bool:
-    """Sleep in short steps so shutdown is never delayed; True when asked to stop."""
-    deadline = time.monotonic() + seconds
-    while not should_stop():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(0.1, left))
-    return True
-
-
-def _connect(dsn: str) -> psycopg2.extensions.connection:
-    conn = db.connect(dsn, application_name="datasync-ingest-loader")
-    conn.set_client_encoding("UTF8")
-    with conn.cursor() as cur:
-        cur.execute("SET temp_buffers = %s", (TEMP_BUFFERS,))
-    conn.commit()
-    return conn
-
-
-def _close(conn: psycopg2.extensions.connection | None) -> None:
-    if conn is not None:
-        try:
-            conn.close()
-        except psycopg2.Error:  # already broken: nothing left to release
-            logger.debug("closing a broken connection failed")
-
-
-class DatabaseUnavailable(RuntimeError):
-    """Transient errors went on for longer than --db-outage-limit: the run fails (exit 1)
-    instead of waiting for ever; the next run resumes."""
-
-
-# Loader exit codes, read by the supervisor.
-EXIT_FATAL = 3  # restarting cannot help (the database stayed away)
-
-
-class _Loader:
-    """Connection state across segments; reconnects after transient errors."""
-
-    def __init__(self, config: Config, dsn: str, store: SegmentStore, should_stop: Callable[[], bool]) -> None:
-        self.config, self.dsn, self.store, self.should_stop = config, dsn, store, should_stop
-        self.conn: psycopg2.extensions.connection | None = None
-
-    def load(self, path: Path) -> LoadResult | None:
-        """The claimed segment loaded (or skipped as already loaded); None if it was put back
-        in ready/ (stopped while the database was unavailable, or rejected as a whole)."""
-        seg = id_of(path)
-        attempt = 0
-        outage_started: float | None = None
-        while True:
-            try:
-                if self.conn is None:
-                    self.conn = _connect(self.dsn)
-                return load_segment(self.conn, path, seg, self.config.table)
-            except (psycopg2.DataError, psycopg2.IntegrityError) as exc:
-                _close(self.conn)
-                self.conn = None
-                reason = f"cannot load segment: {db.describe_error(exc)}"
-                logger.error("segment {}: {}", seg, reason)
-                reject(self.store, path, reason)
-                return None
-            except psycopg2.Error as exc:
-                if not db.is_transient(exc):
-                    requeue(self.store, path)  # a restarted loader may try again
-                    raise
-                _close(self.conn)
-                self.conn = None
-                outage_started = outage_started or time.monotonic()
-                if time.monotonic() - outage_started > self.config.db_outage_limit:
-                    requeue(self.store, path)
-                    raise DatabaseUnavailable(
-                        f"the database has been unavailable for over {self.config.db_outage_limit:.0f}s: "
-                        f"{db.describe_error(exc)}"
-                    ) from exc
-                delay = retry_delay(attempt)
-                attempt += 1
-                logger.warning(
-                    "segment {}: database error, retrying in {:.1f}s (attempt {}): {}",
-                    seg, delay, attempt, db.describe_error(exc),
-                )
-                if wait_or_stop(delay, self.should_stop):
-                    requeue(self.store, path)
-                    return None
-
-    def close(self) -> None:
-        _close(self.conn)
-        self.conn = None
-
-
-def loader_loop(
-    config: Config,
-    dsn: str,
-    should_stop: Callable[[], bool],
-    fetch_done: Callable[[], bool],
-    on_loaded: Callable[[LoadResult], None] = lambda r: None,
-    pid: int | None = None,
-) -> None:
-    """claim -> load -> retire -> on_loaded, until stopped, or until ready/ is empty after
-    the fetchers are done. `fetch_done` is read BEFORE claiming: a segment sealed just
-    before the fetchers finish is then always seen by the claim that follows."""
-    store = SegmentStore(config.segments_dir)
-    store.ensure()
-    pid = pid if pid is not None else os.getpid()
-    loader = _Loader(config, dsn, store, should_stop)
-    try:
-        while not should_stop():
-            done = fetch_done()
-            path = claim(store, pid)
-            if path is None:
-                if done:
-                    return
-                wait_or_stop(POLL_INTERVAL, should_stop)
-                continue
-            result = loader.load(path)
-            if result is None:
-                continue
-            retire(store, path, keep=config.keep_segments)
-            logger.debug("loaded {}", asdict(result))
-            on_loaded(result)
-    finally:
-        loader.close()
-
-
-# ---------------------------------------------------------------------------------------
-# Processes
-
-# What a load adds to the run's shared counters (`ingest.counters`), and how `load` names them.
-LOAD_COUNTERS = {
-    "segments_loaded": "segments",
-    "rows_loaded": "rows",
-    "loaded": "inserted",
-    "duplicates": "duplicates",
-    "rejected": "rejected",
-}
-
-
-def counted(result: LoadResult) -> dict[str, int]:
-    if result.skipped:  # already loaded by someone else: nothing new
-        return {}
-    return {"segments_loaded": 1, "rows_loaded": result.rows, "loaded": result.inserted,
-            "duplicates": result.duplicates, "rejected": result.rejected}
-
-
-def loader_process(
-    config: Config, dsn: str, fetch_done_event: Any, stop_event: Any, counters: SharedCounters, errors: Any = None
-) -> None:
-    """Process entry point (spawn-safe). Each loaded segment's counts go into `counters`.
-    Exits when `stop_event` is set, when `fetch_done_event` is set and ready/ is empty,
-    or when the parent dies. A fatal error's one-line reason goes to `errors` (a queue)
-    for the supervisor's final message."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
-    configure_logging(config.log_format, config.log_level, config.secrets(), process=f"loader-{os.getpid()}")
-    # The pid the parent had when it started us (os.getppid() now could already be init's).
-    spawner = mp.parent_process()
-    parent = spawner.pid if spawner is not None and spawner.pid is not None else os.getppid()
-    checkpoint.hold_worker_lock(config.data_dir)  # a new supervisor waits until we are gone
-    if os.getppid() != parent:
-        return  # orphaned before we began: leave everything to the next run
-
-    def should_stop() -> bool:
-        return bool(stop_event.is_set()) or os.getppid() != parent
-
-    def on_loaded(result: LoadResult) -> None:
-        counters.add_many(counted(result))
-
-    try:
-        loader_loop(config, dsn, should_stop, fetch_done_event.is_set, on_loaded)
-    except Exception as exc:
-        reason = f"loader failed: {db.describe_error(exc)}"
-        logger.error(reason)
-        if errors is not None:
-            errors.put(reason)
-        raise SystemExit(EXIT_FATAL if isinstance(exc, DatabaseUnavailable) else 1) from exc
-
-
-def load_ready(config: Config, dsn: str, workers: int) -> dict[str, int]:
-    """Load everything in ready/ with `workers` processes and wait for them: the `load`
-    command. Run reconcile first if a crash may have left segments in loading/."""
-    ctx = mp.get_context("spawn")
-    fetch_done, stop = ctx.Event(), ctx.Event()
-    fetch_done.set()
-    counters = SharedCounters(ctx)
-    procs = [
-        ctx.Process(target=loader_process, args=(config, dsn, fetch_done, stop, counters.for_child()), name=f"loader-{i}")
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    finally:
-        stop.set()
-        for p in procs:
-            p.join()
-    failed = [p.exitcode for p in procs if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} loader(s) failed (exit codes {failed})")
-    snapshot = counters.snapshot()
-    return {name: snapshot[counter] for counter, name in LOAD_COUNTERS.items()}

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple, get_args
 
-from ingest.source.checkpoint import fsync_dir
+from ingest.durable import fsync_dir
 
-STATES = ("open", "ready", "loading", "loaded", "rejected")
+State = Literal["open", "ready", "loading", "loaded", "rejected"]  # a folder of the store
+STATES: tuple[State, ...] = get_args(State)
 SUFFIX = ".tsv"
 LINES_SUFFIX = ".lines.tsv"  # rejected/<id>.lines.tsv: single lines COPY refused (operators' copy)
 
@@ -54,14 +55,14 @@ class SegmentStore:
         self.loaded = self.root / "loaded"
         self.rejected = self.root / "rejected"
 
-    def folder(self, state: str) -> Path:
+    def folder(self, state: State) -> Path:
         return self.root / state
 
     def ensure(self) -> None:
         for state in STATES:
             self.folder(state).mkdir(parents=True, exist_ok=True)
 
-    def segments(self, state: str) -> list[Path]:
+    def segments(self, state: State) -> list[Path]:
         """Segment files in a state, in name (fetch) order; side files excluded."""
         with os.scandir(self.folder(state)) as entries:
             names = sorted(e.name for e in entries if e.name.endswith(SUFFIX) and not e.name.endswith(LINES_SUFFIX))
@@ -238,7 +239,9 @@ def reject(store: SegmentStore, path: Path, reason: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Start-up reconciliation against the ledger
 
-_RECONCILE = {
+Reconcile = Literal["discard", "keep", "retire", "requeue"]
+
+_RECONCILE: dict[tuple[State, bool], Reconcile] = {
     ("open", False): "discard",
     ("open", True): "discard",
     ("ready", False): "keep",
@@ -252,7 +255,7 @@ _RECONCILE = {
 }
 
 
-def reconcile_action(state: str, in_ledger: bool) -> str:
+def reconcile_action(state: State, in_ledger: bool) -> Reconcile:
     """What start-up does with a segment: the ledger (committed with the rows) is the truth.
 
     open/ files are discarded even if a same-named segment was loaded: their events are
@@ -273,7 +276,8 @@ def reconcile(store: SegmentStore, ledger: set[str], keep: bool = False) -> Reco
     """Heal what crashes left behind. Run only while no fetcher or loader is running."""
     store.ensure()
     report = ReconcileReport()
-    for state in ("open", "ready", "loading"):
+    unsettled: tuple[State, ...] = ("open", "ready", "loading")
+    for state in unsettled:
         for path in store.segments(state):
             action = reconcile_action(state, id_of(path) in ledger)
             if action == "retire":

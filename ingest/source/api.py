@@ -9,9 +9,10 @@ Layers, from the wire up:
 2. `fetch_page` retries around request + body read + JSON parse, for what urllib3 cannot see
    (bodies cut mid-stream, resets mid-body, truncated or invalid JSON, empty 200s).
 3. Every outcome (status, error code, exception) goes through one table, `classify`, to an
-   `Action`; the loop only carries the actions out. Terminal outcomes raise
-   `FatalApiError`, exhausted transient ones `ApiError`, a refused stream token
-   `SourceUnavailable`, a shutdown during any wait `Stopped`.
+   `Action`, which a `RetryBudget` (`ingest.source.retries`) turns into the next `Step`; the
+   loop only carries the steps out. Terminal outcomes raise `FatalApiError`, exhausted
+   transient ones `ApiError`, a refused stream token `SourceUnavailable`, a shutdown during
+   any wait `Stopped`.
 
 Secrets: the key travels only in headers, never in a URL; messages and log lines name the
 path, never the query; every stream token is registered with `ingest.logs.add_secrets`, and
@@ -25,12 +26,12 @@ are scaled by `time_unit`, learnt from the token and cursor lifetimes the server
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,8 +49,11 @@ from ingest.source.cursors import (
     position_cursor,
     refresh_cursor,
 )
+from ingest.source.lanes import LANES, Lane, lane_rates
 from ingest.source.normalise import decode_json
-from ingest.source.pacing import SharedRateLimiter, backoff, retry_after_seconds
+from ingest.source.pacing import SharedRateLimiter, retry_after_seconds
+from ingest.source.retries import TOKEN_ATTEMPTS, Action, Facts, RetryBudget, Step
+from ingest.waits import backoff, wait_until
 
 API_SUFFIX = "/api/v1"
 FEED_PATH = "/api/v1/events/d4ta/x7k9/feed"  # fallback when stream-access names none
@@ -64,17 +68,7 @@ NOMINAL_CURSOR_TTL_S = 120.0
 
 CURSOR_MARGIN_S = 10.0  # refresh a cursor expiring sooner than this (x time unit)
 TOKEN_REFRESH_SHARE = 0.8  # renew a token once this share of its lifetime has passed
-TOKEN_ATTEMPTS = 5  # stream-access tries before the feed is declared unavailable
 TOKEN_BACKOFF_S = 10.0  # x attempt, when stream-access gives no Retry-After
-RETRY_BASE_S, RETRY_CAP_S = 1.0, 30.0  # backoff for transient faults (x time unit)
-RATE_LIMITED_BASE_S, RATE_LIMITED_CAP_S = 10.0, 30.0  # silent 429: 10, 20, 30 s (x time unit)
-MAX_RATE_LIMITED = 50  # 429s within one fetch_page before giving up: a safety net only
-
-
-def repeated_429_floor(consecutive: int) -> float:
-    """The least wait after the n-th 429 in a row, whatever Retry-After says: none for the
-    first, then 0.5 s doubling to RATE_LIMITED_CAP_S (before the time unit)."""
-    return 0.0 if consecutive <= 1 else min(RATE_LIMITED_CAP_S, 0.5 * 2 ** (consecutive - 2))
 # A server-dictated wait (Retry-After, X-RateLimit-Reset) longer than this many rate windows
 # is cut to it: every budget of the API refills within one window, so a longer value is a
 # server bug or a misread epoch, and honouring it would stall the run for hours.
@@ -108,15 +102,12 @@ class BadBody(Exception):
     """A 2xx response that is not a complete page: truncated, empty, not JSON, wrong shape."""
 
 
-class Action(enum.Enum):
-    OK = "ok"
-    RETRY = "retry"  # transient fault: back off, same request
-    WAIT = "wait"  # 429: wait as told, slow the shared pace
-    REFRESH_TOKEN = "refresh-token"  # stream token refused: get a new one, same request
-    REFRESH_CURSOR = "refresh-cursor"  # cursor expired: rewrite exp, then re-position
-    DRAINED = "drained"  # 418 for a cursor older than the data: nothing more to fetch
-    UNAVAILABLE = "unavailable"  # a lane refused to this key (no feed token, no query-string key)
-    FAIL = "fail"  # terminal
+# How each ending of a page's retry budget reaches the caller.
+ENDINGS: dict[Step, type[ApiError]] = {
+    Step.GIVE_UP: ApiError,
+    Step.FAIL: FatalApiError,
+    Step.UNAVAILABLE: SourceUnavailable,
+}
 
 
 # (endpoint, status, code) -> action; None matches anything. Endpoints: "feed", "events",
@@ -341,15 +332,7 @@ def make_session(gzip: bool = True) -> requests.Session:
     return session
 
 
-LANES = ("feed", "events", "events_query")
-
-
-def lane_rates(config: Config) -> dict[str, float]:
-    """Requests per rate window each lane may make (0: the lane is not used)."""
-    return {"feed": config.feed_rate, "events": config.events_rate, "events_query": config.query_rate}
-
-
-def make_limiters(config: Config, ctx: Any) -> dict[str, SharedRateLimiter]:
+def make_limiters(config: Config, ctx: Any) -> dict[Lane, SharedRateLimiter]:
     """One shared pacer per lane with a budget, created in the parent process (children
     receive them as `Process` arguments)."""
     rates = lane_rates(config).items()
@@ -362,7 +345,7 @@ class ApiClient:
     def __init__(
         self,
         config: Config,
-        limiters: Mapping[str, SharedRateLimiter] | None = None,
+        limiters: Mapping[Lane, SharedRateLimiter] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
         sleep_until_or_stop: Callable[[float], bool] | None = None,
@@ -371,13 +354,16 @@ class ApiClient:
         shared with the other processes; a lane without one is not paced.
         `clock` gives epoch seconds (cursor `exp` and token deadlines are compared with it);
         `sleep_until_or_stop(deadline)` sleeps until that clock reaches `deadline` and returns
-        True, early, if a shutdown was requested."""
+        True, early, if a shutdown was requested (by default `ingest.waits.wait_until`, which
+        looks at `should_stop` every STOP_POLL_S)."""
         self.config = config
         self.session = make_session(wants_gzip(config.gzip, config.api_url))
         self._limiters = dict(limiters or {})
         self._should_stop = should_stop
         self._clock = clock
-        self._sleep_until_or_stop = sleep_until_or_stop or self._poll_sleep
+        self._sleep_until_or_stop: Callable[[float], bool] = sleep_until_or_stop or partial(
+            wait_until, should_stop=should_stop, clock=clock, step=STOP_POLL_S
+        )
         parts = urlsplit(config.api_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         api_url = config.api_url.rstrip("/")
@@ -398,14 +384,6 @@ class ApiClient:
         self.session.close()
 
     # -- waiting ------------------------------------------------------------------------
-
-    def _poll_sleep(self, deadline: float) -> bool:
-        while not self._should_stop():
-            left = deadline - self._clock()
-            if left <= 0:
-                return False
-            time.sleep(min(left, STOP_POLL_S))
-        return True
 
     def _wait(self, seconds: float) -> bool:
         """Interruptible sleep; True when a shutdown was requested (the limiter's contract)."""
@@ -584,34 +562,34 @@ class ApiClient:
 
     def fetch_page(
         self,
-        source: str,
+        lane: Lane,
         cursor: str | None,
         since: int | None = None,
         until: int | None = None,
         limit: int | None = None,
     ) -> Page:
-        """One complete page of `source` after `cursor`: "feed", "events" (/events, key in
+        """One complete page of `lane` after `cursor`: "feed", "events" (/events, key in
         the header) or "events_query" (/events, key in the query string: a separate budget).
 
-        Paced by the source's limiter, retried until it succeeds, `config.max_attempts`
+        Paced by the lane's limiter, retried until it succeeds, `config.max_attempts`
         transient faults have happened (ApiError), a terminal answer arrives
         (FatalApiError), the query-string lane is refused (SourceUnavailable), or a shutdown
         is requested during a wait (Stopped).
         """
-        if source not in LANES:
-            raise ValueError(f"unknown source {source!r}")
-        limiter = self._limiters.get(source)
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}")
+        limiter = self._limiters.get(lane)
         params: dict[str, Any] = {"limit": limit if limit is not None else self.config.page_limit}
-        if source == "feed":
+        if lane == "feed":
             params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
-        faults = rate_limited = cursor_expired = token_refusals = 0
+        budget = RetryBudget(self.config.max_attempts)
         while True:
             if self._should_stop():
                 raise Stopped()
             if limiter is not None and not limiter.acquire(self._wait):
                 raise Stopped()
             headers = {"X-API-Key": self.config.api_key}
-            if source == "feed":
+            if lane == "feed":
                 token = self._ensure_token()
                 headers[token.header] = token.token
                 path = token.feed_path
@@ -619,7 +597,7 @@ class ApiClient:
             else:
                 path = API_SUFFIX + "/events"
                 url = self._api_url + "/events"
-            if source == "events_query":
+            if lane == "events_query":
                 headers = {}
                 params["api_key"] = self.config.api_key
             cursor = self._live_cursor(cursor)
@@ -627,7 +605,7 @@ class ApiClient:
                 params["cursor"] = cursor
             sent = time.monotonic()
             outcome, body = self._send("GET", url, headers, params=params)
-            if source != "feed" and limiter is not None and outcome.status is not None:
+            if lane != "feed" and limiter is not None and outcome.status is not None:
                 remaining, reset = rate_headers(outcome.headers, self._clock())
                 limiter.observe(remaining, self._bounded(reset))
             page: Page | None = None
@@ -638,75 +616,74 @@ class ApiClient:
                 except BadBody as exc:
                     self.stats["truncated"] += 1
                     outcome.exc = exc
-            action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, source)
-
-            if action is Action.OK and page is not None:
-                if source == "feed":
+            action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, lane)
+            budget, decision = budget.after(action, self._facts(action, path, outcome, cursor))
+            step = decision.step
+            if step is Step.RETURN_PAGE:
+                assert page is not None, "an OK outcome is a parsed 2xx page"
+                if lane == "feed":
                     self._token_on_probation = False
                 page.seconds = time.monotonic() - sent
                 return page
-            if action is Action.DRAINED:
+            if step is Step.RETURN_DRAINED:
                 return Page([], None, False, None, len(body), outcome.status or 0)
-            if action is Action.RETRY:
-                faults += 1
-                if faults >= self.config.max_attempts:
-                    raise ApiError(f"{path}: gave up after {faults} attempts; last: {outcome.describe()}")
-                delay = backoff(faults, RETRY_BASE_S * self.time_unit, RETRY_CAP_S * self.time_unit)
-                # Only an explicit Retry-After (a 503's): X-RateLimit-Reset on a damaged 200
-                # is the pacing window, which the limiter already handles.
-                told = self._bounded(retry_after_seconds(_only_retry_after(outcome.headers), None, self._clock()))
-                delay = max(delay, told or 0.0)
-                self._log_retry(path, outcome, faults, self.config.max_attempts, delay, "transient fault")
-                self._wait_or_stop(delay)
-            elif action is Action.WAIT:
-                rate_limited += 1
-                if rate_limited > MAX_RATE_LIMITED:
-                    raise ApiError(f"{path}: still rate limited after {MAX_RATE_LIMITED} waits")
-                told = self._bounded(retry_after_seconds(outcome.headers, outcome.body, self._clock()))
-                fallback = min(RATE_LIMITED_CAP_S, RATE_LIMITED_BASE_S * rate_limited) * self.time_unit
-                delay = told if told is not None else backoff(1, fallback, RATE_LIMITED_CAP_S * self.time_unit, 0.1)
-                # A Retry-After the server keeps contradicting (0, or too short to help) is a
-                # floor, not a promise: repeated 429s back off all the same.
-                delay = max(delay, repeated_429_floor(rate_limited) * self.time_unit)
-                self._log_retry(path, outcome, rate_limited, None, delay, "rate limited")
-                if limiter is not None:
-                    limiter.penalise(delay)  # the next acquire waits, for every process
-                else:
-                    self._wait_or_stop(delay)
-            elif action is Action.REFRESH_TOKEN:
-                # A token that outlived its lifetime while the request was in flight (a stall,
-                # the adapter's own retries) is no evidence that fresh tokens are refused.
-                expired = self._token is not None and self._clock() >= self._token.expires_at
-                token_refusals += 1
-                if (self._token_on_probation and not expired) or token_refusals > TOKEN_ATTEMPTS:
-                    raise FatalApiError(f"{path}: a fresh stream token was refused too ({outcome.describe()})")
-                self._log_retry(path, outcome, token_refusals, None, 0.0, "stream token refused, renewing it")
+            if step in ENDINGS:
+                raise ENDINGS[step](decision.reason)
+            self._log_retry(path, outcome, decision.attempt, decision.limit, decision.wait, decision.reason)
+            if step is Step.SLOW_DOWN and limiter is not None:
+                limiter.penalise(decision.wait)  # the next acquire waits, for every process
+            elif step in (Step.BACK_OFF, Step.SLOW_DOWN):
+                self._wait_or_stop(decision.wait)
+            elif step is Step.RENEW_TOKEN:
                 self._obtain_token(TOKEN_ATTEMPTS)
                 self._token_on_probation = True
-            elif action is Action.REFRESH_CURSOR:
-                cursor_expired += 1
-                cursor = self._revive_cursor(path, outcome, cursor, cursor_expired)
-            elif action is Action.UNAVAILABLE:  # the query-string lane is refused
-                raise SourceUnavailable(f"{path} with the key in the query string: {outcome.describe()}")
             else:
-                raise FatalApiError(self._fail_message(path, outcome))
+                cursor = self._revive_cursor(step, cursor)
 
-    def _revive_cursor(self, path: str, outcome: Outcome, cursor: str | None, times: int) -> str:
-        """CURSOR_EXPIRED although `exp` was checked (clock skew, a long stall): first the same
-        position with a new `exp`; then a cursor forged just above its `ts`, which can repeat
-        a few events (deduped on id) but never skips one; then give up."""
-        try:
-            position = decode_cursor(cursor) if cursor is not None else None
-        except ValueError:
-            position = None
-        if position is None or times > 2:
-            raise FatalApiError(f"{path}: the cursor keeps expiring ({outcome.describe()}); is the clock right?")
+    def _facts(self, action: Action, path: str, outcome: Outcome, cursor: str | None) -> Facts:
+        """What the retry budget weighs besides the action, read off this client and the
+        outcome. The refusal is worded only when it will be raised: it scrubs server text."""
+        token = self._token
+        return Facts(
+            path=path,
+            described=outcome.describe(),
+            refusal=self._fail_message(path, outcome) if action is Action.FAIL else "",
+            told=self._told(action, outcome),
+            unit=self.time_unit,
+            token_expired=token is not None and self._clock() >= token.expires_at,
+            token_on_probation=self._token_on_probation,
+            cursor_readable=_holds_position(cursor),
+        )
+
+    def _told(self, action: Action, outcome: Outcome) -> float | None:
+        """The wait the server dictated, bounded. A 429 may say it anywhere; a transient fault
+        only by an explicit Retry-After (a 503's): X-RateLimit-Reset on a damaged 200 is the
+        pacing window, which the limiter already handles."""
+        if action is Action.WAIT:
+            return self._bounded(retry_after_seconds(outcome.headers, outcome.body, self._clock()))
+        if action is Action.RETRY:
+            return self._bounded(retry_after_seconds(_only_retry_after(outcome.headers), None, self._clock()))
+        return None
+
+    def _revive_cursor(self, step: Step, cursor: str | None) -> str:
+        """A cursor the server takes again after CURSOR_EXPIRED. Re-positioning just above the
+        cursor's `ts` can repeat a few events (deduped on id) but never skips one. The budget
+        asks for a revival only of a cursor that decodes."""
         now_ms = int(self._clock() * 1000)
-        self._log_retry(path, outcome, times, 2, 0.0, "cursor expired, " + ("refreshing" if times == 1 else "re-positioning"))
         self.stats["cursor_refreshes"] += 1
-        if times == 1:
+        if step is Step.REFRESH_CURSOR:
             return refresh_cursor(cursor or "", now_ms, CURSOR_TTL_MS)
-        return position_cursor(int(position["ts"]) + 1, now_ms, CURSOR_TTL_MS * 10)
+        return position_cursor(int(decode_cursor(cursor or "")["ts"]) + 1, now_ms, CURSOR_TTL_MS * 10)
+
+
+def _holds_position(cursor: str | None) -> bool:
+    if cursor is None:
+        return False
+    try:
+        decode_cursor(cursor)
+    except ValueError:
+        return False
+    return True
 
 
 def _only_retry_after(headers: Mapping[str, str]) -> dict[str, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import email.utils
 import math
 import multiprocessing as mp
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -243,9 +242,3 @@ def retry_after_seconds(headers: Mapping[str, str], body: dict[str, Any] | None,
         reset -= now_epoch
     return max(0.0, reset)
 
-
-def backoff(attempt: int, base: float = 1.0, cap: float = 30.0, jitter: float = 0.2, rng: Any = random) -> float:
-    """Exponential backoff for attempt 1, 2, 3...: base, 2*base, 4*base... at most `cap`,
-    each spread by +/- `jitter` (a fraction) so that workers do not retry in lockstep."""
-    delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 60))
-    return max(0.0, min(cap, delay * (1.0 + rng.uniform(-jitter, jitter))))

@@ -12,9 +12,11 @@ at about the same time.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from ingest.source.checkpoint import Checkpoint, PartitionState
 from ingest.source.cursors import decode_cursor
+from ingest.source.lanes import Lane, Mode
 
 # The lanes a source mode walks, newest windows first: the fastest lane gets the oldest
 # windows, the ones an estimate of the oldest event that is off makes emptier or fuller
@@ -23,13 +25,13 @@ from ingest.source.cursors import decode_cursor
 # ~40 requests/min need three or more, /events' 10/min one, the query-string lane's 5/min
 # one; the rest of the default eight are slack for slow pages. More partitions than that
 # go to the lane with the largest budget.
-MODE_LANES = {
+MODE_LANES: dict[Mode, tuple[Lane, ...]] = {
     "feed": ("feed",),
     "events": ("events_query", "events"),
     "mixed": ("events_query", "events", "feed"),
 }
-WALKER_ORDER = ("feed", "events", "feed", "feed", "events_query", "feed", "events", "feed")
-LANE_NEED = {"feed": 4, "events": 1, "events_query": 1}  # walkers that keep each budget busy
+WALKER_ORDER: tuple[Lane, ...] = ("feed", "events", "feed", "feed", "events_query", "feed", "events", "feed")
+LANE_NEED: dict[Lane, int] = {"feed": 4, "events": 1, "events_query": 1}  # walkers that keep each budget busy
 # A piece of k pages is cut a little short: the density varies along the way, and a piece
 # that overflows its k pages by a few events costs a whole request more.
 PIECE_FILL = 0.8
@@ -65,7 +67,7 @@ def partitions_for(requested: int, sample_events: int, sample_seconds: float | N
     return max(2, cpus)
 
 
-def choose_lanes(mode: str, partitions: int, rates: dict[str, float]) -> list[tuple[str, float]]:
+def choose_lanes(mode: Mode, partitions: int, rates: Mapping[Lane, float]) -> list[tuple[Lane, float]]:
     """(lane, weight) per partition, newest first: `partitions` walkers (0: the default
     order's walkers) over the lanes of `mode` that have a budget (`rates`, requests per
     window), each weighted by its lane's budget per walker."""
@@ -82,7 +84,7 @@ def choose_lanes(mode: str, partitions: int, rates: dict[str, float]) -> list[tu
     return [(lane, rates[lane] / walkers[lane]) for lane in usable for _ in range(walkers[lane])]
 
 
-def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[str, float]]) -> list[PartitionState]:
+def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[Lane, float]]) -> list[PartitionState]:
     """Contiguous windows over [lower_ms, upper_ms), sized by weight; the last one reaches 0."""
     if not lanes:
         raise ValueError("at least one lane is needed")
@@ -90,10 +92,10 @@ def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[str, float]]) ->
     total_weight = sum(weight for _, weight in lanes)
     parts: list[PartitionState] = []
     top = upper_ms
-    for index, (source, weight) in enumerate(lanes):
+    for index, (lane, weight) in enumerate(lanes):
         last = index == len(lanes) - 1
         bottom = 0 if last else max(0, top - max(1, round(span * weight / total_weight)))
-        parts.append(PartitionState(index=index, source=source, lower_ms=bottom, upper_ms=top))
+        parts.append(PartitionState(index=index, lane=lane, lower_ms=bottom, upper_ms=top))
         top = bottom
     return parts
 
@@ -108,12 +110,12 @@ def walked_to(part: PartitionState) -> int:
     return part.upper_ms
 
 
-def walkers_on(parts: list[PartitionState], lane: str) -> int:
+def walkers_on(parts: list[PartitionState], lane: Lane) -> int:
     """The unfinished walks of `lane` (each has a fetcher)."""
-    return sum(1 for p in parts if not p.done and p.source == lane)
+    return sum(1 for p in parts if not p.done and p.lane == lane)
 
 
-def walker_speed(parts: list[PartitionState], lane: str, rates: dict[str, float], joining: int = 0) -> float:
+def walker_speed(parts: list[PartitionState], lane: Lane, rates: Mapping[Lane, float], joining: int = 0) -> float:
     """Requests per window one walker of `lane` gets: its budget shared by the lane's
     unfinished walks (plus `joining`), but never more than LANE_NEED walkers' share (one
     walker keeps only about one page in flight)."""
@@ -141,8 +143,8 @@ def choose_split(
     parts: list[PartitionState],
     page_ms: int | None,
     oldest_ms: int = 0,
-    thief: str | None = None,
-    rates: dict[str, float] | None = None,
+    thief: Lane | None = None,
+    rates: Mapping[Lane, float] | None = None,
 ) -> tuple[int, int] | None:
     """Work stealing: the unfinished partition that will take longest to finish (the
     pages left to walk, `page_ms` of time each, over its walker's speed; whatever its
@@ -154,7 +156,7 @@ def choose_split(
     if not page_ms:
         return None
 
-    def speed(lane: str, joining: int = 0) -> float:
+    def speed(lane: Lane, joining: int = 0) -> float:
         return max(walker_speed(parts, lane, rates, joining), 1e-9) if rates else 1.0
 
     def position(part: PartitionState) -> int:
@@ -163,14 +165,14 @@ def choose_split(
         again what the victim has already stored."""
         return walked_to(part) - (COMMIT_LAG_PAGES * page_ms if part.cursor else 0)
 
-    best: tuple[float, int, int, str] | None = None  # (time alone, index, lower bound, lane)
+    best: tuple[float, int, int, Lane] | None = None  # (time alone, index, lower bound, lane)
     for part in parts:
         if part.done:
             continue
         lower = max(part.lower_ms, oldest_ms)
-        alone = math.ceil((position(part) - lower) / page_ms - 1e-9) / speed(part.source)
+        alone = math.ceil((position(part) - lower) / page_ms - 1e-9) / speed(part.lane)
         if alone > 0 and (best is None or alone > best[0]):
-            best = (alone, part.index, lower, part.source)
+            best = (alone, part.index, lower, part.lane)
     if best is None:
         return None
     _, index, lower, lane = best
@@ -179,7 +181,7 @@ def choose_split(
     return None if taken is None else (index, lower + int(taken * page_ms * PIECE_FILL))
 
 
-def lane_needs_walker(parts: list[PartitionState], lane: str) -> bool:
+def lane_needs_walker(parts: list[PartitionState], lane: Lane) -> bool:
     """Fewer unfinished partitions walk `lane` than keep its budget busy (LANE_NEED): a
     walker that joins it uses budget that would otherwise go idle. With enough walkers a
     split would only cost a partial page, so an idle fetcher waits instead."""
@@ -215,7 +217,7 @@ def revised_oldest(parts: list[PartitionState], total: int | None, oldest_ms: in
     return max(0, int(walked_to(bottom) - left * ms_per_event))
 
 
-def plan_steal(state: Checkpoint, thief: str, page_limit: int, rates: dict[str, float]) -> tuple[int, int] | None:
+def plan_steal(state: Checkpoint, thief: Lane, page_limit: int, rates: Mapping[Lane, float]) -> tuple[int, int] | None:
     """What a fetcher of lane `thief` with no walk of its own should take over: `choose_split`
     with the densities and bounds known so far, or None (its lane's budget is in use, or
     nothing is worth a split)."""

@@ -241,7 +241,7 @@ def test_a_lost_deadlock_is_retried_not_fatal(pg_dsn: str) -> None:
         a.close()
         b.close()
     [deadlock] = [e for e in errors if getattr(e, "pgcode", None) == "40P01"]
-    assert db.is_transient(deadlock)
+    assert db.classify(deadlock) is db.Action.RETRY
 
 
 def blocked(dsn: str) -> bool:

@@ -76,12 +76,12 @@ def test_disk_full_while_a_segment_is_written(
 def test_checkpoint_write_on_a_full_disk_keeps_the_old_one_and_no_temp_file(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "mnt", "256k") as mount:
         state_path = mount / "ingestion.state"
-        old = Checkpoint(generation="g", source="events", total=1, newest_ms=1,
-                         partitions=[PartitionState(index=0, source="events", lower_ms=0, upper_ms=2)])
+        old = Checkpoint(generation="g", mode="events", total=1, newest_ms=1,
+                         partitions=[PartitionState(index=0, lane="events", lower_ms=0, upper_ms=2)])
         checkpoint.write(state_path, old)
         fill(mount, mount / "ballast")
-        big = Checkpoint(generation="g", source="events", total=1, newest_ms=1,
-                         partitions=[PartitionState(index=i, source="events", lower_ms=0, upper_ms=2, cursor="c" * 4096)
+        big = Checkpoint(generation="g", mode="events", total=1, newest_ms=1,
+                         partitions=[PartitionState(index=i, lane="events", lower_ms=0, upper_ms=2, cursor="c" * 4096)
                                      for i in range(64)])
         with pytest.raises(OSError) as raised:
             checkpoint.write(state_path, big)

@@ -18,12 +18,13 @@ import psycopg2
 import pytest
 
 from ingest.config import Config
+from ingest.run.children import fetch_context
 from ingest.simulator import SimulatorConfig
 from ingest.sink.segments import SegmentStore, SegmentWriter, id_of
 from ingest.source import checkpoint
 from ingest.source.api import ApiClient
 from ingest.source.checkpoint import Checkpoint, PartitionState
-from ingest.source.fetcher import FetchContext, fetch_partition
+from ingest.source.fetcher import fetch_partition
 from tests.e2e import Run, assert_exact, fetched_rows, ingest_env, loaded_segments, run_to_end, start_run, wait_for
 from tests.reliability.helpers import (
     alive,
@@ -187,15 +188,15 @@ def test_a_sequence_number_sealed_before_a_crash_is_never_reused(
     store = SegmentStore(config.segments_dir)
     store.ensure()
     upper = SimulatorConfig().time_end + 1
-    plan = Checkpoint(generation="abcd1234", source="events", total=None, newest_ms=None,
-                      partitions=[PartitionState(index=0, source="events", lower_ms=0, upper_ms=upper)])
+    plan = Checkpoint(generation="abcd1234", mode="events", total=None, newest_ms=None,
+                      partitions=[PartitionState(index=0, lane="events", lower_ms=0, upper_ms=upper)])
     checkpoint.write(config.state_path, plan)
 
     def fetch(config: Config) -> None:
         client = ApiClient(config, None, should_stop=lambda: False)
         state = checkpoint.read(config.state_path)
         assert state is not None
-        ctx = FetchContext(config, state.generation, client, store, lambda: False, lambda s: False)
+        ctx = fetch_context(config, state.generation, client, lambda: False, lambda s: False)
         try:
             fetch_partition(ctx, state.partitions[0])
         finally:
@@ -237,7 +238,7 @@ def find_victims(run: Run, kind: str, data_dir: Path, timeout: float = 60) -> li
 
 
 def _die_updating_the_counters(counters: Any) -> None:
-    counters.add_many({"fetched": 5})
+    counters.add_many({"events_fetched": 5})
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -256,7 +257,7 @@ def test_a_child_killed_while_updating_the_counters_does_not_freeze_the_run() ->
     reader.start()
     reader.join(2)
     assert not reader.is_alive(), "the supervisor's progress tick blocks for ever on a dead process's lock"
-    assert counters.snapshot()["fetched"] == 5, "what the dead child counted stays counted"
+    assert counters.snapshot()["events_fetched"] == 5, "what the dead child counted stays counted"
 
 
 # ---------------------------------------------------------------------------------------

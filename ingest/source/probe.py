@@ -1,0 +1,108 @@
+"""The plan of a first run: probe the source twice, then cut its time range into partitions.
+
+The first probe (a small page) finds the newest event and how far below it to look; the
+second (a full page, well inside the data) measures the density of events over time, from
+which the oldest event is estimated. Sessions cluster events, so a small sample near the
+newest end can be off by half; a full page deeper down by about a tenth, and work stealing
+corrects the rest. The arithmetic is in `plan`; this module only asks the API.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from loguru import logger
+
+from ingest.config import Config
+from ingest.source import checkpoint
+from ingest.source.api import ApiClient, FatalApiError, Page, SourceUnavailable
+from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.cursors import decode_cursor
+from ingest.source.fetcher import request_window, start_cursor
+from ingest.source.lanes import Mode, lane_rates
+from ingest.source.normalise import parse_timestamp
+from ingest.source.plan import choose_lanes, estimate_oldest, partitions_for, probe_depth, split_range
+
+# Events in the first planning probe (quick to serve: it only finds the newest event and
+# how far to look for the second) and in the density sample (a full page: sessions cluster
+# events, so a small sample can be off by half; 5,000 events by about a tenth).
+PROBE_LIMIT = 1000
+SAMPLE_LIMIT = 5000
+# The lanes each `--source` choice plans for.
+MODE_OF_CHOICE: dict[str, Mode] = {"auto": "mixed", "feed": "feed", "events": "events"}
+
+
+def newest_timestamp_ms(events: list[Any]) -> int | None:
+    stamps = [parse_timestamp(e.get("timestamp")) for e in events if isinstance(e, dict)]
+    valid = [s for s in stamps if s is not None]
+    return max(valid) // 1000 if valid else None
+
+
+def sample_of(page: Page) -> tuple[int, int, int] | None:
+    """(newest, oldest, events) of a page, or None when it holds too little to measure."""
+    top = newest_timestamp_ms(page.events)
+    if top is None or len(page.events) < 2 or not page.next_cursor:
+        return None
+    return top, int(decode_cursor(page.next_cursor)["ts"]), len(page.events)
+
+
+def estimate_from_samples(client: ApiClient, mode: Mode, newest: int, probe: Page, limit: int) -> tuple[int, Page]:
+    """The oldest event's time, from a second page (`limit` events) taken well inside the
+    data (see `estimate_oldest`; positioned by `until` on the feed, by a forged cursor on
+    /events), and the page the estimate rests on. A plan from a wrong estimate still covers
+    everything, but leaves lanes idle or overloaded until work stealing evens them out."""
+    first = sample_of(probe)
+    if first is None:  # one page holds everything (or nothing measurable): no need to guess
+        return newest, probe
+    # Asked for as the first page of a walk down from the depth, on the lane the probe used.
+    below = PartitionState(index=0, lane="events" if mode == "events" else "feed", lower_ms=0,
+                           upper_ms=probe_depth(newest, first[1]))
+    since, until = request_window(below)
+    page = client.fetch_page(below.lane, start_cursor(below, int(time.time() * 1000)), since, until, limit)
+    inside = sample_of(page)
+    if inside is None:  # the data ends above the depth: the first sample is all we have
+        return max(below.upper_ms, estimate_oldest(newest, first, probe.total)), probe
+    return estimate_oldest(newest, inside, probe.total), page
+
+
+def make_plan(config: Config, client: ApiClient) -> Checkpoint:
+    """Probe the source once, then split its time range into partitions."""
+    mode = MODE_OF_CHOICE[config.source]
+    limit = min(config.page_limit, PROBE_LIMIT)
+    if mode == "events":
+        probe = client.fetch_page("events", None, limit=limit)
+    else:
+        try:
+            probe = client.fetch_page("feed", None, limit=limit)
+        except SourceUnavailable as exc:
+            if config.source == "feed":
+                raise FatalApiError(f"the feed is unavailable: {exc}") from None
+            logger.warning("no stream token ({}); using /api/v1/events only", exc)
+            mode = "events"
+            probe = client.fetch_page("events", None, limit=limit)
+    newest = newest_timestamp_ms(probe.events)
+    generation = checkpoint.new_generation()
+    if newest is None:
+        logger.warning("the source returned no events with a timestamp; nothing to fetch")
+        plan = Checkpoint(generation=generation, mode=mode, total=probe.total, newest_ms=None)
+        plan.partitions = split_range(0, 1, [("events", 1.0)])
+        for part in plan.partitions:
+            part.done = not probe.events
+        return plan
+    oldest, sample = estimate_from_samples(client, mode, newest, probe, min(config.page_limit, SAMPLE_LIMIT))
+    partitions = partitions_for(config.partitions, len(sample.events), sample.seconds, os.cpu_count() or 2)
+    lanes = choose_lanes(mode, partitions, lane_rates(config))
+    plan = Checkpoint(generation=generation, mode=mode, total=probe.total, newest_ms=newest, oldest_ms=oldest)
+    plan.partitions = split_range(oldest, newest + 1, lanes)
+    logger.info(
+        "plan: {} partitions over {} .. {} ({} events reported; {} events in {:.2f}s a request)",
+        len(plan.partitions),
+        oldest,
+        newest,
+        probe.total,
+        len(sample.events),
+        sample.seconds,
+    )
+    return plan
