@@ -137,6 +137,13 @@ class Config:
     max_restarts: int = field(
         default=3, metadata={"env": "INGEST_MAX_RESTARTS", "help": "restarts of a crashed child before the run fails"}
     )
+    follow: bool = field(
+        default=False,
+        metadata={"env": "INGEST_FOLLOW", "help": "after the drain, keep topping up what the source gains until stopped"},
+    )
+    poll_interval: float = field(
+        default=60.0, metadata={"env": "INGEST_POLL_INTERVAL", "help": "with --follow: seconds between top-ups"}
+    )
 
     @property
     def segments_dir(self) -> Path:
@@ -332,6 +339,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_port": _parse_port,
     "db_outage_limit": _parse_float(1.0),
     "max_restarts": _parse_int(0),
+    "follow": _parse_bool,
+    "poll_interval": _parse_float(0.1),
 }
 
 REQUIRED_FOR_RUN = ("api_url", "api_key")
