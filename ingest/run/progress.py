@@ -38,10 +38,21 @@ def tree_rss_bytes() -> int:
     return total
 
 
+def lag_figures(plan: Checkpoint) -> dict[str, float | None]:
+    """How far the table is behind the source: the age of the newest loaded event against
+    the newest the source reported at the last look (seconds of event time), and when the
+    last top-up (or first load) finished (epoch seconds)."""
+    behind = None
+    if plan.newest_ms is not None and plan.loaded_newest_ms is not None:
+        behind = max(0, plan.newest_ms - plan.loaded_newest_ms) / 1000
+    return {"lag_seconds": behind, "last_topup_timestamp_seconds": plan.topped_up_at}
+
+
 class Progress:
     def __init__(self, config: Config, plan: Checkpoint, counters: SharedCounters, store: SegmentStore) -> None:
         self.config = config
         self.total = plan.total
+        self.lag = lag_figures(plan)
         self.counters = counters
         self.store = store
         self.started = time.monotonic()
@@ -75,7 +86,16 @@ class Progress:
             "segments": self.store.counts(),
             "checkpoint_lag_rows": max(0, counters["events_fetched"] - loaded),
             "rss_mb": round(tree_rss_bytes() / 1e6, 1),
+            **self.lag,
         }
+
+    def follow(self, plan: Checkpoint) -> None:
+        """A top-up was planned or finished: count its events on top of what is loaded."""
+        if plan.total is not None:
+            self.total = self.counters.snapshot()["events_loaded"] + plan.total
+            if self.bar is not None:
+                self.bar.total = self.total
+        self.lag = lag_figures(plan)
 
     def update(self) -> None:
         now = time.monotonic()

@@ -14,7 +14,7 @@ import multiprocessing as mp
 import queue
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from loguru import logger
@@ -26,13 +26,16 @@ from ingest.run import children
 from ingest.run.children import Kind
 from ingest.run.exits import EXIT_BY_SIGNAL, ChildExit, ExitCode
 from ingest.run.metrics import MetricsServer, start_metrics_server
-from ingest.run.progress import Progress
+from ingest.run.progress import Progress, lag_figures
+from ingest.run.target import target_change, target_of
 from ingest.sink import db
 from ingest.sink.segments import SegmentStore, release
 from ingest.source import checkpoint
-from ingest.source.api import ApiClient, ApiError, FatalApiError, make_limiters
+from ingest.source.api import ApiClient, ApiError, FatalApiError, Stopped, make_limiters
 from ingest.source.checkpoint import Checkpoint
-from ingest.source.probe import make_plan
+from ingest.source.lanes import lane_rates
+from ingest.source.plan import plan_top
+from ingest.source.probe import look, make_plan
 from ingest.waits import wait_for
 
 TICK_S = 0.2
@@ -48,13 +51,15 @@ class Restart(enum.Enum):
     RESTART = "restart"
     FAIL = "fail"  # restarting cannot help (ChildExit.FATAL): fail the run with its reason
     GIVE_UP = "give-up"  # it failed once more than --max-restarts allows: fail the run
+    NEXT_POLL = "next-poll"  # --follow: its walk waits for the next top-up instead
 
 
 def restart_action(kind: Kind, code: int | None, restarts: int, max_restarts: int, fetch_done: bool,
-                   stopping: bool) -> Restart:
+                   stopping: bool, follow: bool = False) -> Restart:
     """A fetcher that exits 0 has drained (or was stopped); a loader that exits 0 before
     the fetchers are done was cut short, so it is restarted like a crashed one. A signal
-    or a failure of the run means no child is restarted."""
+    or a failure of the run means no child is restarted. Under --follow an API outage must
+    not end the process: a fetcher out of restarts leaves its walk to the next poll."""
     if code == ChildExit.DONE and (kind == "fetcher" or fetch_done):
         return Restart.DONE
     if code == ChildExit.FATAL:
@@ -62,12 +67,28 @@ def restart_action(kind: Kind, code: int | None, restarts: int, max_restarts: in
     if stopping:
         return Restart.LET_GO
     if restarts >= max_restarts:
-        return Restart.GIVE_UP
+        return Restart.NEXT_POLL if follow and kind == "fetcher" else Restart.GIVE_UP
     return Restart.RESTART
 
 
 class RunError(RuntimeError):
     """A fatal condition of the run; its message is the one line the user sees."""
+
+
+class TargetChanged(RunError):
+    """The data directory's state belongs to another target (exit 2: a usage error)."""
+
+
+def guard_target(config: Config) -> None:
+    """Refuse, before anything is written or started, a state recorded for another target."""
+    try:
+        state = checkpoint.read(config.state_path)
+    except checkpoint.CheckpointError:
+        return  # the plan step reports it
+    change = target_change(state.target if state else None, target_of(config))
+    if change:
+        raise TargetChanged(f"{config.data_dir} holds the state of another target: {change}; use another"
+                            " --data-dir for this one, or `datasync-ingest reset` to start over")
 
 
 @dataclass
@@ -99,6 +120,9 @@ class Supervisor:
         self.cover_rounds = 0
         self.run_lock: BinaryIO | None = None
         self.plan: Checkpoint | None = None
+        self.progress: Progress | None = None
+        self.next_top_up: float | None = None  # --follow: when the next top-up is due (None: not scheduled)
+        self.top_up_failures = 0  # in a row
         self.summary: dict[str, Any] = {}
 
     # -- children -------------------------------------------------------------------
@@ -127,7 +151,7 @@ class Supervisor:
                     logger.warning("loader {} exited with {}; {} claimed segment(s) back to ready/",
                                    child.key, code, released)
             action = restart_action(child.kind, code, child.restarts, self.config.max_restarts,
-                                    self.fetch_done.is_set(), bool(self.signals or self.failure))
+                                    self.fetch_done.is_set(), bool(self.signals or self.failure), self.config.follow)
             if action is Restart.DONE:
                 continue
             self._drain_errors()
@@ -136,6 +160,9 @@ class Supervisor:
             elif action is Restart.GIVE_UP:
                 reason = self.last_error or f"exit code {code}"
                 self._fail(f"{child.kind} {child.key} failed {child.restarts + 1} times; last: {reason}")
+            elif action is Restart.NEXT_POLL:
+                logger.warning("{} {} failed {} times ({}); its walk goes on at the next top-up", child.kind,
+                               child.key, child.restarts + 1, self.last_error or f"exit code {code}")
             elif action is Restart.RESTART:
                 logger.warning("{} {} exited with {}; restarting", child.kind, child.key, code)
                 self.counters.add("restarts")
@@ -160,16 +187,98 @@ class Supervisor:
     def _cover_or_finish_fetching(self) -> None:
         """Every fetcher has exited. A partition can still be unfinished without one (its
         walker was restarted onto another partition after a split): start fetchers for
-        those, a bounded number of times; otherwise fetching is done."""
+        those, a bounded number of times; otherwise fetching is done (under --follow: done
+        until the next top-up, and the loaders stay)."""
         state = checkpoint.read(self.config.state_path)
         undone = [p.index for p in state.partitions if not p.done] if state else []
-        if undone and not self.signals and not self.failure and self.cover_rounds < self.config.max_restarts:
+        stopping = bool(self.signals or self.failure)
+        if undone and not stopping and self.cover_rounds < self.config.max_restarts:
             self.cover_rounds += 1
             logger.warning("partitions {} have no fetcher; starting them again", undone)
             for index in undone:
                 self._start("fetcher", index)
             return
+        if self.config.follow and not stopping:
+            self._between_top_ups(state, undone)
+            return
         self.fetch_done.set()
+
+    def _start_fetchers(self, plan: Checkpoint) -> None:
+        self.cover_rounds = 0
+        for part in plan.partitions:
+            if not part.done:
+                self._start("fetcher", part.index)
+
+    # -- top-ups ----------------------------------------------------------------------
+    def _between_top_ups(self, state: Checkpoint | None, undone: list[int]) -> None:
+        """--follow, with no fetcher running: once the last top-up is loaded, wait
+        --poll-interval, then top up again (and give any walk left unfinished by an
+        outage another go)."""
+        now = time.monotonic()
+        if self.next_top_up is None:
+            counts = self.store.counts()
+            if counts["ready"] + counts["loading"]:
+                return  # the loaders are still at it
+            if state is not None and not undone:
+                self._mark_loaded()
+            self.next_top_up = now + self.config.poll_interval
+            return
+        if now < self.next_top_up:
+            return
+        try:
+            plan = self._top_up()
+        except Stopped:
+            return  # a signal came during the look: the next tick stops the run
+        except ApiError as exc:  # an outage: ridden through, tried again at the next poll
+            self.top_up_failures += 1
+            self.next_top_up = now + self.config.poll_interval
+            logger.warning("top-up failed ({} in a row): {}; next try in {:.0f}s", self.top_up_failures, exc,
+                           self.config.poll_interval)
+            return
+        self.top_up_failures = 0
+        self.next_top_up = None
+        self._start_fetchers(plan)
+
+    def _top_up(self) -> Checkpoint:
+        """Plan what the source gained since the checkpoint's plan, durably: a kill at any
+        moment leaves the old plan or the new one, never half of one."""
+        path = self.config.state_path
+        state = checkpoint.read(path)
+        assert state is not None, "top-ups follow a plan"
+        client = ApiClient(self.config, self.limiters, should_stop=lambda: bool(self.signals))
+        try:
+            if state.newest_ms is None:  # the source had no events at all when the plan was made
+                fresh = make_plan(self.config, client)
+                plan = replace(fresh, target=state.target, rows_earlier=state.rows)
+            else:
+                newest, total = look(client, state.mode)
+                plan = plan_top(state, newest, total, self.config.page_limit, lane_rates(self.config),
+                                self.config.partitions, checkpoint.new_generation())
+        finally:
+            client.close()
+        with locks.locked(path):
+            checkpoint.write(path, plan)
+        added = [p for p in plan.partitions if p not in state.partitions]
+        if added:
+            logger.info("top-up: {} partition(s) over {} .. {} ({} events reported, {} new)", len(added),
+                        added[-1].lower_ms, plan.newest_ms, plan.source_total, plan.total)
+        self.plan = plan
+        if self.progress is not None:
+            self.progress.follow(plan)
+        return plan
+
+    def _mark_loaded(self) -> None:
+        """Every event up to the plan's newest is in the table: what the lag is measured from."""
+        path = self.config.state_path
+        with locks.locked(path):
+            state = checkpoint.read(path)
+            if state is None:
+                return
+            state.loaded_newest_ms, state.topped_up_at = state.newest_ms, time.time()
+            checkpoint.write(path, state)
+        self.plan = state
+        if self.progress is not None:
+            self.progress.lag = lag_figures(state)
 
     def _kill_all(self) -> None:
         for child in self.children:
@@ -222,11 +331,9 @@ class Supervisor:
         self.store.ensure()
         db.prepare_database(self.config, self.dsn, self.store)
         plan = self.plan = self._load_or_make_plan()
-        progress = Progress(self.config, plan, self.counters, self.store)
+        progress = self.progress = Progress(self.config, plan, self.counters, self.store)
         metrics = self._start_metrics(progress)
-        for part in plan.partitions:
-            if not part.done:
-                self._start("fetcher", part.index)
+        self._start_fetchers(plan)
         for slot in range(self.config.workers):
             self._start("loader", slot)
         logger.info(
@@ -262,7 +369,11 @@ class Supervisor:
             return "failed"
         if not self.children:
             return "done" if self.plan is not None else "ready"
-        return "draining" if self.fetch_done.is_set() or self.stop_fetch.is_set() else "fetching"
+        if self.fetch_done.is_set() or self.stop_fetch.is_set():
+            return "draining"
+        if self.next_top_up is not None:
+            return "degraded" if self.top_up_failures else "following"
+        return "fetching"
 
     def _start_metrics(self, progress: Progress) -> MetricsServer | None:
         if self.config.metrics_port is None:
@@ -287,6 +398,7 @@ class Supervisor:
         if state is None or not state.drained or pending:
             logger.error("children finished but the run is incomplete ({} segments pending)", pending)
             return ExitCode.FAILED
+        self._mark_loaded()
         logger.info("drained: every event fetched and loaded")
         return ExitCode.OK
 
@@ -295,18 +407,33 @@ class Supervisor:
             existing = checkpoint.read(self.config.state_path)
         except checkpoint.CheckpointError as exc:
             raise RunError(f"{self.config.state_path}: {exc}; move it away to start over") from None
-        if existing is not None:
-            logger.info("resuming from the checkpoint ({} rows fetched so far)", existing.rows)
-            return existing
-        client = ApiClient(self.config, self.limiters, should_stop=lambda: bool(self.signals))
         try:
-            plan = make_plan(self.config, client)
+            if existing is not None:
+                logger.info("{} from the checkpoint ({} rows fetched so far); looking for new events",
+                            "topping up" if existing.drained else "resuming", existing.rows)
+                if existing.target is None:  # a state from before targets were recorded: adopt it
+                    with locks.locked(self.config.state_path):
+                        existing.target = target_of(self.config)
+                        checkpoint.write(self.config.state_path, existing)
+                self.plan = existing
+                try:
+                    return self._top_up()
+                except FatalApiError:
+                    raise
+                except ApiError as exc:
+                    if existing.drained:
+                        raise
+                    logger.warning("cannot look for new events ({}); resuming the walk under way", exc)
+                    return existing
+            client = ApiClient(self.config, self.limiters, should_stop=lambda: bool(self.signals))
+            try:
+                plan = replace(make_plan(self.config, client), target=target_of(self.config))
+            finally:
+                client.close()
         except FatalApiError as exc:
             raise RunError(str(exc)) from None
         except ApiError as exc:
             raise RunError(f"cannot reach the API: {exc}") from None
-        finally:
-            client.close()
         with locks.locked(self.config.state_path):
             checkpoint.write(self.config.state_path, plan)
         return plan
@@ -317,8 +444,12 @@ def run(config: Config) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     logger.info("config: {}", config.redacted())
     try:
+        guard_target(config)
         with db.database(config) as dsn:
             return Supervisor(config, dsn).run()
+    except TargetChanged as exc:
+        logger.error("{}", exc)
+        return ExitCode.USAGE
     except (RunError, db.DatabaseError) as exc:
         logger.error("{}", exc)
         return ExitCode.FAILED

@@ -22,9 +22,11 @@ from ingest.durable import write_atomic
 from ingest.locks import locked
 from ingest.source.lanes import Lane, Mode
 
-# 2: `mode` and `lane` (version 1 called both `source`); version 1 still resumes.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2: `mode` and `lane` (version 1 called both `source`). 3: the target, and what top-ups
+# need (`source_total`, `rows_earlier`, `loaded_newest_ms`, `topped_up_at`). Older versions
+# still resume: a version 2 state adopts the target of the first run that reads it.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class CheckpointError(RuntimeError):
@@ -49,12 +51,25 @@ class PartitionState:
 
 @dataclass
 class Checkpoint:
-    generation: str  # makes segment ids unique across data-dir resets
+    """The plan of the current epoch, and what earlier epochs leave behind.
+
+    An epoch is a first load or a top-up: its partitions cover [oldest_ms, newest_ms]. A
+    top-up of a drained state starts a new epoch (a new generation keeps segment ids unique,
+    and the partition list stays short however many top-ups a data directory has seen); a
+    top-up of an unfinished one adds its partitions to the epoch under way.
+    """
+
+    generation: str  # makes segment ids unique across epochs and data-dir resets
     mode: Mode
-    total: int | None  # meta.total reported by the API
-    newest_ms: int | None
+    total: int | None  # events the epoch's plan expects: meta.total, or its growth for a top-up
+    newest_ms: int | None  # the newest event the plan covers (the top of its range)
     oldest_ms: int | None = None  # the plan's estimate of the oldest event (splits use it)
     partitions: list[PartitionState] = field(default_factory=list)
+    target: dict[str, str] | None = None  # what the state belongs to (`Config.target`)
+    source_total: int | None = None  # meta.total at the last look at the source
+    rows_earlier: int = 0  # rows sealed by earlier epochs
+    loaded_newest_ms: int | None = None  # every event up to this time is loaded
+    topped_up_at: float | None = None  # when a top-up (or the first load) last finished
     version: int = FORMAT_VERSION
     updated_at: float = 0.0
 
@@ -64,7 +79,7 @@ class Checkpoint:
 
     @property
     def rows(self) -> int:
-        return sum(p.rows for p in self.partitions)
+        return self.rows_earlier + sum(p.rows for p in self.partitions)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
@@ -79,6 +94,8 @@ class Checkpoint:
                 raw["mode"] = raw.pop("source")
                 for part in raw["partitions"]:
                     part["lane"] = part.pop("source")
+            if raw["version"] < 3:
+                raw["source_total"] = raw["total"]
             raw["version"] = FORMAT_VERSION
             parts = [PartitionState(**p) for p in raw.pop("partitions")]
             return cls(partitions=parts, **raw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ingest.source.checkpoint import Checkpoint, PartitionState
 from ingest.source.cursors import decode_cursor
@@ -84,8 +85,11 @@ def choose_lanes(mode: Mode, partitions: int, rates: Mapping[Lane, float]) -> li
     return [(lane, rates[lane] / walkers[lane]) for lane in usable for _ in range(walkers[lane])]
 
 
-def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[Lane, float]]) -> list[PartitionState]:
-    """Contiguous windows over [lower_ms, upper_ms), sized by weight; the last one reaches 0."""
+def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[Lane, float]], floor_ms: int = 0,
+                first_index: int = 0) -> list[PartitionState]:
+    """Contiguous windows over [lower_ms, upper_ms), sized by weight; the last one reaches
+    `floor_ms`: 0 for a first plan, whose `lower_ms` is only an estimate of the oldest event,
+    the exact bottom for a top-up, whose range is known."""
     if not lanes:
         raise ValueError("at least one lane is needed")
     span = max(upper_ms - lower_ms, len(lanes))
@@ -94,10 +98,37 @@ def split_range(lower_ms: int, upper_ms: int, lanes: list[tuple[Lane, float]]) -
     top = upper_ms
     for index, (lane, weight) in enumerate(lanes):
         last = index == len(lanes) - 1
-        bottom = 0 if last else max(0, top - max(1, round(span * weight / total_weight)))
-        parts.append(PartitionState(index=index, lane=lane, lower_ms=bottom, upper_ms=top))
+        bottom = floor_ms if last else max(floor_ms, top - max(1, round(span * weight / total_weight)))
+        parts.append(PartitionState(index=first_index + index, lane=lane, lower_ms=bottom, upper_ms=top))
         top = bottom
     return parts
+
+
+def plan_top(state: Checkpoint, newest_ms: int | None, source_total: int | None, page_limit: int,
+             rates: Mapping[Lane, float], requested: int, generation: str) -> Checkpoint:
+    """`state` with the events the source gained since its plan planned as more partitions.
+
+    New events arrive at the newest end, so the top is [the plan's newest, the source's
+    newest]: the plan's newest millisecond is walked again (events that arrived within it
+    after the last look), and the primary key absorbs what was already loaded. Walkers are
+    sized by the growth of meta.total (a top-up of a few pages gets a partition or two, not
+    the full plan), so its cost follows what is new. A drained state gets a new epoch; an
+    unfinished one gets the top added to the walk under way."""
+    if newest_ms is None or state.newest_ms is None or newest_ms < state.newest_ms:
+        return replace(state, source_total=source_total)
+    growth = source_total - state.source_total if source_total is not None and state.source_total is not None else None
+    wanted = requested or max(1, min(len(WALKER_ORDER), math.ceil((growth or page_limit) / page_limit)))
+    lanes = choose_lanes(state.mode, wanted, rates)
+    bottom, top = state.newest_ms, newest_ms + 1
+    if state.drained:
+        return Checkpoint(generation=generation, mode=state.mode, total=growth, newest_ms=newest_ms, oldest_ms=bottom,
+                          partitions=split_range(bottom, top, lanes, floor_ms=bottom), target=state.target,
+                          source_total=source_total, rows_earlier=state.rows, loaded_newest_ms=state.loaded_newest_ms,
+                          topped_up_at=state.topped_up_at)
+    more = split_range(bottom, top, lanes, floor_ms=bottom, first_index=len(state.partitions))
+    total = None if state.total is None or growth is None else state.total + growth
+    return replace(state, total=total, newest_ms=newest_ms, partitions=[*state.partitions, *more],
+                   source_total=source_total)
 
 
 def walked_to(part: PartitionState) -> int:

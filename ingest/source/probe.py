@@ -21,7 +21,7 @@ from ingest.source.api import ApiClient, FatalApiError, Page, SourceUnavailable
 from ingest.source.checkpoint import Checkpoint, PartitionState
 from ingest.source.cursors import decode_cursor
 from ingest.source.fetcher import request_window, start_cursor
-from ingest.source.lanes import Mode, lane_rates
+from ingest.source.lanes import Lane, Mode, lane_rates
 from ingest.source.normalise import parse_timestamp
 from ingest.source.plan import choose_lanes, estimate_oldest, partitions_for, probe_depth, split_range
 
@@ -30,6 +30,7 @@ from ingest.source.plan import choose_lanes, estimate_oldest, partitions_for, pr
 # events, so a small sample can be off by half; 5,000 events by about a tenth).
 PROBE_LIMIT = 1000
 SAMPLE_LIMIT = 5000
+LOOK_LIMIT = 100  # a top-up's look at the newest end: a few events, in case the newest is unreadable
 # The lanes each `--source` choice plans for.
 MODE_OF_CHOICE: dict[str, Mode] = {"auto": "mixed", "feed": "feed", "events": "events"}
 
@@ -106,3 +107,17 @@ def make_plan(config: Config, client: ApiClient) -> Checkpoint:
         sample.seconds,
     )
     return plan
+
+
+def look(client: ApiClient, mode: Mode) -> tuple[int | None, int | None]:
+    """The newest event's time and meta.total, from one small page at the newest end: all
+    a top-up needs to plan (one request, and a stream token on the feed)."""
+    lane: Lane = "events" if mode == "events" else "feed"
+    try:
+        page = client.fetch_page(lane, None, limit=LOOK_LIMIT)
+    except SourceUnavailable:
+        if mode == "feed":
+            raise
+        page = client.fetch_page("events", None, limit=LOOK_LIMIT)
+    return newest_timestamp_ms(page.events), page.total
+
