@@ -15,6 +15,7 @@ import orjson
 from loguru import logger
 
 _secrets: list[str] = []
+_pending_warnings: list[str] = []
 
 
 def redact(text: str) -> str:
@@ -65,8 +66,16 @@ def add_secrets(secrets: Iterable[str]) -> None:
             _secrets.append(secret)
 
 
+def warn_when_configured(message: str) -> None:
+    """Log a warning once `configure_logging` has set the format: the configuration warns
+    (a deprecated variable, a key on the command line) before it knows the log format, and
+    a line in another format would break a log shipper's JSON."""
+    _pending_warnings.append(message)
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO", secrets: Iterable[str] = (), process: str = "main") -> None:
-    """Replace loguru's default sink. Safe to call again in a child process."""
+    """Replace loguru's default sink, then log the warnings waiting for it. Safe to call
+    again in a child process."""
     add_secrets(secrets)
     logger.remove()
     logger.configure(patcher=_patch, extra={"process": process})
@@ -82,3 +91,5 @@ def configure_logging(fmt: str = "text", level: str = "INFO", secrets: Iterable[
             diagnose=False,
             colorize=sys.stderr.isatty(),
         )
+    while _pending_warnings:
+        logger.warning(_pending_warnings.pop(0))

@@ -3,9 +3,13 @@ PostgreSQL, wait on conditions, and compare the final table with the simulator's
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,13 +26,13 @@ PROGRAM = [str(REPO / "bin" / "datasync-ingest")]
 
 def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
     """Environment for one `datasync-ingest` run against `sim`, loading into `dsn`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "DATASYNC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "DATASYNC_", "DATABASE_URL_FILE"))}
     env.update(
         DATASYNC_API_URL=sim.base_url,
         DATASYNC_API_KEY=sim.api_key,
         DATABASE_URL=dsn,
         INGEST_DATA_DIR=str(data_dir),
-        LOG_FORMAT="json",
+        INGEST_LOG_FORMAT="json",
         INGEST_WORKERS="2",
         INGEST_STATS_INTERVAL="1",
         # Unthrottled simulators: pace per 10 ms; tests with rate limits pass the scaled window.
@@ -140,3 +144,45 @@ def assert_no_secrets(secrets: list[str], dsn: str, data_dir: Path, *logs: str) 
         with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM ingest_rejects WHERE raw LIKE %s OR reason LIKE %s", (f"%{secret}%",) * 2)
             assert cur.fetchone()[0] == 0, "a secret appears in ingest_rejects"
+
+
+class NoApi:
+    """Stands in for a simulator where the API is unreachable: nothing listens there."""
+
+    base_url = "http://127.0.0.1:9/api/v1"
+    api_key = "ds_" + "1" * 32
+
+
+def command(env: dict[str, str], name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """One `datasync-ingest NAME ...` without a terminal, as a script or cron would run it."""
+    return subprocess.run([*PROGRAM, name, *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr without log records (JSON lines): the one line per problem, nothing else."""
+    return [line for line in result.stderr.splitlines() if not line.startswith("{")]
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str], answers: dict[bytes, bytes] | None = None,
+                  columns: int = 120) -> tuple[int, str]:
+    """Run `argv` on a pseudo-terminal, typing each answer once its prompt shows; the exit
+    code and everything the terminal showed."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen(argv, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    output = bytearray()
+    pending = dict(answers or {})
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the program exited
+            break
+        if not chunk:
+            break
+        output.extend(chunk)
+        for prompt in [p for p in pending if p in output]:
+            os.write(primary, pending.pop(prompt))
+    os.close(primary)
+    return process.wait(60), output.decode(errors="replace")

@@ -215,7 +215,6 @@ def test_last_page(client: ApiClient, mocked: responses.RequestsMock) -> None:
         b"[]",  # JSON, not an object
         b"null",
         b'{"data": "nope"}',
-        b'{"data": [], "pagination": {"hasMore": true, "nextCursor": null}}',  # would end early
         b"<html>oops</html>",
     ],
 )
@@ -227,6 +226,18 @@ def test_damaged_200_is_retried_never_returned(
     page = client.fetch_page("events", None)
     assert len(page.events) == 4
     assert client.stats["truncated"] == 1 and len(clock.waits) == 1
+
+
+def test_has_more_without_a_cursor_is_a_page_not_a_damaged_body(
+    client: ApiClient, mocked: responses.RequestsMock, clock: FakeTime
+) -> None:
+    # Asking again cannot mend it: the walk goes on from its last event (ingest.source.paging).
+    body = page_body(3)
+    body["pagination"]["nextCursor"] = None
+    mocked.get(EVENTS, json=body)
+    page = client.fetch_page("events", None)
+    assert (len(page.events), page.has_more, page.next_cursor) == (3, True, None)
+    assert client.stats["requests"] == 1 and client.stats["truncated"] == 0 and clock.waits == []
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,24 @@
-"""Config: precedence, parsing, one-line errors, redaction."""
+"""Config: precedence, parsing, one-line errors, redaction, variable names, secrets from files."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from ingest.config import Config, ConfigError, build_config, read_dotenv, redact_dsn
+from ingest.config import (
+    GROUPS,
+    PARSERS,
+    Config,
+    ConfigError,
+    build_config,
+    env_name,
+    option_name,
+    read_dotenv,
+    redact_dsn,
+)
 
 BASE = {"DATASYNC_API_URL": "http://h/api/v1", "DATASYNC_API_KEY": "ds_" + "a" * 32}
 
@@ -74,13 +86,203 @@ def test_defaults() -> None:
     assert config.state_path == Path(".datasync/ingestion.state")
 
 
-def test_dotenv_parsing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('KEY="ds_0123" # note', "ds_0123"),  # the old reader kept the quotes
+        ("KEY='ds_0123'", "ds_0123"),
+        ("export KEY=ds_0123", "ds_0123"),
+        ("KEY=ds_0123 # note", "ds_0123"),
+        ("KEY=a#b", "a#b"),  # a # inside a value is no comment
+        ('KEY="two words"', "two words"),
+        ("KEY=", ""),
+        ('BASE=ds_01\nKEY="${BASE}23"', "ds_0123"),
+        ("KEY=${UNSET_FOR_THIS_TEST:-ds_0123}", "ds_0123"),
+        ("KEY=pa$word", "pa$word"),  # only ${...} interpolates, so a DSN password keeps its $
+    ],
+)
+def test_dotenv_reads_like_compose(tmp_path: Path, line: str, expected: str) -> None:
     env_file = tmp_path / ".env"
-    env_file.write_text(
-        "# comment\nexport DATASYNC_API_KEY='ds_quoted'\nINGEST_WORKERS=3 # trailing\n\nBROKEN LINE\nEMPTY=\n"
-    )
-    assert read_dotenv(env_file) == {"DATASYNC_API_KEY": "ds_quoted", "INGEST_WORKERS": "3", "EMPTY": ""}
+    env_file.write_text(line + "\n")
+    assert read_dotenv(env_file)["KEY"] == expected
+
+
+def test_dotenv_skips_a_line_it_cannot_parse_with_a_warning_naming_it(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("# comment\nINGEST_WORKERS=3\nBROKEN LINE ds_secret\nEMPTY=\n")
+    warnings: list[str] = []
+    assert read_dotenv(env_file, warnings.append) == {"INGEST_WORKERS": "3", "EMPTY": ""}
+    assert len(warnings) == 1 and "line 3" in warnings[0] and str(env_file) in warnings[0]
+    assert "ds_secret" not in warnings[0]
     assert read_dotenv(tmp_path / "absent") == {}
+
+
+# --- names: one rule, old names still read ------------------------------------------------------
+
+NEW_NAMES = {
+    "api_url": "DATASYNC_API_URL", "api_key": "DATASYNC_API_KEY", "api_key_file": "DATASYNC_API_KEY_FILE",
+    "database_url": "DATABASE_URL", "database_url_file": "DATABASE_URL_FILE",
+    "segment_max_rows": "INGEST_SEGMENT_MAX_ROWS", "segment_max_bytes": "INGEST_SEGMENT_MAX_BYTES",
+    "segment_max_age": "INGEST_SEGMENT_MAX_AGE", "ready_max_bytes": "INGEST_READY_MAX_BYTES",
+    "log_format": "INGEST_LOG_FORMAT", "log_level": "INGEST_LOG_LEVEL", "workers": "INGEST_WORKERS",
+}
+OLD_NAMES = [
+    ("INGEST_SEGMENT_ROWS", "segment_max_rows", "7", 7),
+    ("INGEST_SEGMENT_BYTES", "segment_max_bytes", "2048", 2048),
+    ("INGEST_SEGMENT_AGE", "segment_max_age", "0.5", 0.5),
+    ("INGEST_READY_BYTES", "ready_max_bytes", str(2 << 20), 2 << 20),
+    ("LOG_FORMAT", "log_format", "text", "text"),
+    ("LOG_LEVEL", "log_level", "debug", "DEBUG"),
+]
+
+
+@pytest.mark.parametrize(("name", "env"), NEW_NAMES.items())
+def test_variable_names(name: str, env: str) -> None:
+    assert env_name(name) == env
+
+
+def test_every_variable_is_spelled_like_its_option() -> None:
+    for f in fields(Config):
+        option = option_name(f.name)[2:].upper().replace("-", "_")
+        assert env_name(f.name) in (f"INGEST_{option}", f"DATASYNC_{option}", option), f.name
+        assert env_name(f.name).startswith(("INGEST_", "DATASYNC_", "DATABASE_URL")), f.name
+
+
+@pytest.mark.parametrize(("old", "name", "text", "value"), OLD_NAMES)
+def test_an_old_name_is_read_with_a_warning_naming_the_new(old: str, name: str, text: str, value: object) -> None:
+    for env, dotenv, where in (({**BASE, old: text}, {}, ""), (BASE, {old: text}, " (in .env)")):
+        warnings: list[str] = []
+        assert getattr(build_config({}, env, dotenv, warn=warnings.append), name) == value
+        assert warnings == [f"{old}{where} is deprecated: rename it {env_name(name)}"]
+
+
+def test_the_new_name_wins_over_the_old_one() -> None:
+    warnings: list[str] = []
+    config = build_config({}, {**BASE, "INGEST_SEGMENT_ROWS": "7", "INGEST_SEGMENT_MAX_ROWS": "9"}, {}, warn=warnings.append)
+    assert config.segment_max_rows == 9
+    assert len(warnings) == 1 and "INGEST_SEGMENT_MAX_ROWS is set too and wins" in warnings[0]
+
+
+def test_a_bad_value_under_an_old_name_is_named_as_written() -> None:
+    with pytest.raises(ConfigError, match=r"^INGEST_SEGMENT_ROWS: must be at least 1"):
+        build_config({}, {**BASE, "INGEST_SEGMENT_ROWS": "0"}, {})
+
+
+def test_auto_spells_a_computed_default() -> None:
+    config = build_config({"workers": "auto"}, {**BASE, "INGEST_LOG_FORMAT": "AUTO"}, {})
+    assert (config.workers, config.log_format) == (Config().workers, Config().log_format)
+
+
+# --- secrets from files -------------------------------------------------------------------------
+
+KEY = "ds_" + "f" * 32
+URL_ONLY = {"DATASYNC_API_URL": BASE["DATASYNC_API_URL"]}
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api_key"
+    path.write_text(KEY + "\n")  # as `echo KEY > file` and Kubernetes secrets write it
+    return path
+
+
+def test_a_key_file_gives_the_key_without_its_newline(key_file: Path) -> None:
+    for cli, env, dotenv in (
+        ({"api_key_file": str(key_file)}, URL_ONLY, {}),
+        ({}, {**URL_ONLY, "DATASYNC_API_KEY_FILE": str(key_file)}, {}),
+        ({}, URL_ONLY, {"DATASYNC_API_KEY_FILE": str(key_file)}),
+    ):
+        config = build_config(cli, env, dotenv)
+        assert config.api_key == KEY and KEY in config.secrets()
+        assert config.api_key_file == key_file
+
+
+def test_a_database_url_file(tmp_path: Path) -> None:
+    path = tmp_path / "dsn"
+    path.write_text("postgresql://u:s3cret@h/db\r\n")
+    config = build_config({}, {**BASE, "DATABASE_URL_FILE": str(path)}, {})
+    assert config.database_url == "postgresql://u:s3cret@h/db" and "s3cret" in config.secrets()
+
+
+@pytest.mark.parametrize(
+    ("cli", "env", "message"),
+    [
+        ({"api_key": KEY, "api_key_file": "KEYFILE"}, {}, "--api-key and --api-key-file are both given"),
+        ({}, {"DATASYNC_API_KEY": KEY, "DATASYNC_API_KEY_FILE": "KEYFILE"},
+         "DATASYNC_API_KEY and DATASYNC_API_KEY_FILE are both given"),
+        ({}, {"DATABASE_URL": "postgresql://h/db", "DATABASE_URL_FILE": "KEYFILE"},
+         "DATABASE_URL and DATABASE_URL_FILE are both given"),
+    ],
+)
+def test_a_value_and_its_file_in_one_place_is_an_error(
+    key_file: Path, cli: dict[str, str], env: dict[str, str], message: str
+) -> None:
+    cli = {k: str(key_file) if v == "KEYFILE" else v for k, v in cli.items()}
+    env = {k: str(key_file) if v == "KEYFILE" else v for k, v in env.items()}
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build_config(cli, {**URL_ONLY, **env}, {})
+
+
+def test_the_higher_source_decides_between_a_value_and_a_file(key_file: Path) -> None:
+    other = "ds_" + "e" * 32
+    # the environment's file over .env's value (a copied .env.example keeps its placeholder key)
+    assert build_config({}, {**URL_ONLY, "DATASYNC_API_KEY_FILE": str(key_file)}, {"DATASYNC_API_KEY": other}).api_key == KEY
+    # the command line's key over the environment's file
+    assert build_config({"api_key": other}, {**URL_ONLY, "DATASYNC_API_KEY_FILE": str(key_file)}, {}).api_key == other
+    # an empty value beside a file in the same place is no conflict
+    assert build_config({}, {**URL_ONLY, "DATASYNC_API_KEY": "", "DATASYNC_API_KEY_FILE": str(key_file)}, {}).api_key == KEY
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), ("", "is empty"), ("\n", "is empty"), (b"\xff\xfe", "is not UTF-8 text"),
+     ("ds_two words\n", "must be a non-empty string without spaces")],
+)
+def test_a_bad_key_file_is_named_never_quoted(tmp_path: Path, content: str | bytes | None, problem: str) -> None:
+    path = tmp_path / "api_key"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        build_config({}, {**URL_ONLY, "DATASYNC_API_KEY_FILE": str(path)}, {})
+    message = str(info.value)
+    assert message.startswith("DATASYNC_API_KEY_FILE") and str(path) in message and problem in message
+    assert "two words" not in message and "\n" not in message
+
+
+def test_a_bad_database_url_file_never_shows_the_password(tmp_path: Path) -> None:
+    path = tmp_path / "dsn"
+    path.write_text("mysql://u:s3cret@h/db\n")
+    with pytest.raises(ConfigError) as info:
+        build_config({}, {**BASE, "DATABASE_URL_FILE": str(path)}, {})
+    assert str(path) in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_a_directory_as_key_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config({"api_key_file": str(tmp_path)}, URL_ONLY, {})
+
+
+def test_a_secret_on_the_command_line_warns_elsewhere_not(key_file: Path) -> None:
+    warnings: list[str] = []
+    build_config({"api_key": KEY, "database_url": "postgresql://u:s3cret@h/db"}, URL_ONLY, {}, warn=warnings.append)
+    assert len(warnings) == 2 and all("process list" in w for w in warnings)
+    assert warnings[0].startswith("--api-key on the command line") and "--api-key-file" in warnings[0]
+    assert warnings[1].startswith("--database-url on the command line")
+    assert KEY not in " ".join(warnings) and "s3cret" not in " ".join(warnings)
+    quiet: list[str] = []
+    build_config({"database_url": "postgresql://h/db"}, {**BASE}, {"DATASYNC_API_KEY": KEY}, warn=quiet.append)
+    build_config({"api_key_file": str(key_file)}, URL_ONLY, {}, warn=quiet.append)
+    assert quiet == [], "a DSN without a password, or a key from the environment, .env or a file: no warning"
+
+
+def test_the_required_key_names_every_way_to_give_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, URL_ONLY, {})
+    assert str(info.value) == (
+        "--api-key (DATASYNC_API_KEY) or --api-key-file (DATASYNC_API_KEY_FILE) is required"
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,11 +304,9 @@ def test_redacted_config_hides_secrets() -> None:
     assert set(config.secrets()) == {BASE["DATASYNC_API_KEY"], "s3cret"}
 
 
-def test_every_field_has_env_help_and_parser() -> None:
-    from dataclasses import fields
-
-    from ingest.config import PARSERS
-
+def test_every_field_has_help_group_and_parser() -> None:
     for f in fields(Config):
-        assert f.metadata["env"] and f.metadata["help"], f.name
+        assert f.metadata["help"] and f.metadata["group"] in GROUPS, f.name
         assert f.name in PARSERS, f.name
+    groups = [f.metadata["group"] for f in fields(Config)]
+    assert groups == sorted(groups, key=list(GROUPS).index), "fields in the order of their groups"

@@ -3,15 +3,10 @@ metrics endpoint moving, status and verify."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
 import socket
-import struct
 import subprocess
-import termios
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +16,11 @@ import psycopg2
 import pytest
 import requests
 
+from ingest import locks
 from ingest.simulator import SimulatorConfig, start_simulator
-from tests.e2e import PROGRAM, ingest_env, run_to_end, start_run, wait_for
+from ingest.sink import db
+from ingest.sink.db import EmbeddedPostgres
+from tests.e2e import PROGRAM, ingest_env, on_a_terminal, run_to_end, start_run, wait_for
 
 
 @pytest.fixture
@@ -93,23 +91,9 @@ def test_json_stats_lines_when_piped(slow_simulator: Any, pg_dsn: str, data_dir:
 
 def test_progress_bar_on_a_terminal(slow_simulator: Any, pg_dsn: str, data_dir: Path) -> None:
     env = paced_env(slow_simulator, pg_dsn, data_dir)
-    env["LOG_FORMAT"] = "text"
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
-    process = subprocess.Popen(PROGRAM, env=env, stdin=secondary, stdout=secondary, stderr=secondary)
-    os.close(secondary)
-    output = bytearray()
-    while True:
-        try:
-            chunk = os.read(primary, 65536)
-        except OSError:  # the terminal closed: the program exited
-            break
-        if not chunk:
-            break
-        output.extend(chunk)
-    os.close(primary)
-    assert process.wait(60) == 0, output[-2000:].decode(errors="replace")
-    text = output.decode(errors="replace")
+    env["INGEST_LOG_FORMAT"] = "text"
+    code, text = on_a_terminal(PROGRAM, env)  # 120 columns
+    assert code == 0, text[-2000:]
     assert "loaded:" in text and "ev/s" in text and "30.0k/30.0k" in text, text[-3000:]
 
 
@@ -134,3 +118,30 @@ def test_status_and_verify_after_a_run(pg_dsn: str, data_dir: Path) -> None:
         assert result["match"] is False and result["missing"] == 3 and len(result["missing_sample"]) == 3
     finally:
         sim.stop()
+
+
+def test_status_and_verify_leave_the_embedded_database_of_a_run_running(data_dir: Path) -> None:
+    """While a run holds the lock, the server in <data-dir>/pg is the run's: status and
+    verify attach to it and must not stop it when they are done, as a command that started
+    the server itself does."""
+    server = EmbeddedPostgres.start(data_dir / "pg")  # as the run started it
+    held = locks.try_lock(data_dir / locks.RUN_LOCK, exclusive=True)  # as the run holds it
+    sim = start_simulator(SimulatorConfig(events=3_000, latency="none", rate_limits=False, chaos="none"))
+    try:
+        assert held is not None
+        with psycopg2.connect(server.dsn) as conn:
+            db.ensure_schema(conn, "events")
+        env = ingest_env(sim, "", data_dir)
+        status = subprocess.run([*PROGRAM, "status", "--format", "json"], env=env, capture_output=True)
+        assert status.returncode == 0 and "error" not in json.loads(status.stdout)["database"], status.stdout
+        with psycopg2.connect(server.dsn):
+            pass  # still up
+        verify = subprocess.run([*PROGRAM, "verify"], env=env, capture_output=True)
+        assert verify.returncode == 1 and json.loads(verify.stdout)["missing"] == 3_000, verify.stderr[-2000:]
+        with psycopg2.connect(server.dsn):
+            pass
+    finally:
+        sim.stop()
+        if held is not None:
+            held.close()
+        server.stop()

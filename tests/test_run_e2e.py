@@ -117,7 +117,7 @@ def test_one_source_only(
 
 @pytest.mark.sim(events=40_000, time_scale=100.0)
 def test_resume_after_sigterm_with_an_expired_cursor(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
-    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=500, INGEST_SEGMENT_ROWS=2000, INGEST_PARTITIONS=2)
+    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=500, INGEST_SEGMENT_MAX_ROWS=2000, INGEST_PARTITIONS=2)
     run = start_run(env, data_dir / "run.log")
     wait_for(lambda: loaded_segments(pg_dsn) >= 2, what="two loaded segments")
     run.kill_group(signal.SIGTERM)
@@ -139,7 +139,7 @@ def test_resume_after_sigterm_with_an_expired_cursor(simulator: Any, pg_dsn: str
 
 @pytest.mark.sim(events=60_000, chaos="mild", chaos_seed=5)
 def test_sigkill_of_the_whole_group_three_times(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
-    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_ROWS=3000)
+    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_MAX_ROWS=3000)
     rng = random.Random(1234)
     for attempt in range(3):
         run = start_run(env, data_dir / f"run{attempt}.log")
@@ -169,7 +169,7 @@ def test_wrong_api_key_exits_1_without_leaking_it(simulator: Any, pg_dsn: str, d
 @pytest.mark.sim(events=20_000, chaos="heavy", chaos_seed=3, rate_limits=True, latency="realistic", time_scale=200.0)
 def test_secrets_never_leave_the_process(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
     env = ingest_env(
-        simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_RATE_WINDOW=60 / 200, LOG_LEVEL="DEBUG"
+        simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_RATE_WINDOW=60 / 200, INGEST_LOG_LEVEL="DEBUG"
     )
     code, log = run_to_end(env, data_dir / "run.log")
     assert code == 0, log[-3000:]

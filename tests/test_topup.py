@@ -3,6 +3,7 @@ target a state belongs to, and old checkpoints read into the new format."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import orjson
@@ -31,7 +32,7 @@ def covers(parts: list[PartitionState], lower: int, upper: int) -> bool:
     """Contiguous windows from `upper` down to exactly `lower`."""
     ordered = sorted(parts, key=lambda p: -p.upper_ms)
     return (ordered[0].upper_ms == upper and ordered[-1].lower_ms == lower
-            and all(a.lower_ms == b.upper_ms for a, b in zip(ordered, ordered[1:], strict=False)))
+            and all(a.lower_ms == b.upper_ms for a, b in pairwise(ordered)))
 
 
 @pytest.mark.parametrize(
@@ -60,6 +61,7 @@ def test_a_drained_state_gets_a_new_epoch_sized_by_the_growth(
     assert not any(p.done for p in plan.partitions)
     assert (plan.newest_ms, plan.oldest_ms, plan.total, plan.source_total) == (NEWEST + 60_000, NEWEST, growth, new_total)
     assert plan.rows == old.rows and plan.rows_earlier == 30, "earlier epochs' rows stay counted"
+    assert plan.earlier_generations == ["old00000"], "and their segment ids can still be found"
     assert (plan.target, plan.loaded_newest_ms, plan.topped_up_at) == (old.target, NEWEST, 1.0)
     assert plan.partitions[0].lane == "feed" or walkers > 1
 

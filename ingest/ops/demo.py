@@ -17,7 +17,8 @@ import orjson
 
 from ingest.config import load_config
 from ingest.logs import configure_logging
-from ingest.ops.report import run_verify
+from ingest.ops.report import Unchecked, run_verify
+from ingest.run.exits import ExitCode
 from ingest.run.supervisor import run
 from ingest.simulator import SimulatorConfig, spawn_simulator
 
@@ -47,9 +48,13 @@ def main(events: int, workers: int, chaos: str, data_dir: Path) -> None:
         code = run(config)
         if code != 0:
             sys.exit(code)
-        report = run_verify(config, sample=5)
+        try:
+            report = run_verify(config, sample=5)
+        except Unchecked as exc:
+            click.echo(f"demo: verify could not check: {exc}", err=True)
+            sys.exit(ExitCode.UNCHECKED)
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-    sys.exit(0 if report["match"] else 1)
+    sys.exit(ExitCode.OK if report["match"] else ExitCode.FAILED)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # drained and loaded (or, for `verify`, a match)
     FAILED = 1  # a fatal error, named in one line; the state is kept
     USAGE = 2  # bad usage or configuration
+    UNCHECKED = 3  # `verify` could not compare (the source, the database or scratch space failed)
     SIGINT = 130  # stopped by SIGINT after a clean drain; the next run resumes
     SIGTERM = 143  # stopped by SIGTERM, likewise
 

@@ -249,7 +249,8 @@ class Supervisor:
         try:
             if state.newest_ms is None:  # the source had no events at all when the plan was made
                 fresh = make_plan(self.config, client)
-                plan = replace(fresh, target=state.target, rows_earlier=state.rows)
+                plan = replace(fresh, target=state.target, rows_earlier=state.rows,
+                               earlier_generations=[*state.earlier_generations, state.generation])
             else:
                 newest, total = look(client, state.mode)
                 plan = plan_top(state, newest, total, self.config.page_limit, lane_rates(self.config),

@@ -2,7 +2,8 @@
 
 `start_simulator(cfg)` serves it from a thread of this process; `spawn_simulator(cfg)` from a
 child process. Both return a handle with `base_url`, `api_key`, `truth()`, `stats()`,
-`stop()`, usable as a context manager.
+`stop()`, usable as a context manager, and `freeze_arrivals()`/`resume_arrivals()` for a
+live dataset (`arrival_rate`; what a truth snapshot guarantees is documented on `Simulator`).
 """
 
 from ingest.simulator.bench import measure_throughput

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from ingest.simulator.arrivals import Snapshot
 from ingest.simulator.config import ChaosParams
 from ingest.simulator.dataset import Dataset, iso_ms
 
@@ -93,7 +94,7 @@ class ChaosLayer:
         return decision
 
     def damage(
-        self, decision: Decision, dataset: Dataset, indices: list[int], mixed: bool
+        self, decision: Decision, dataset: Dataset | Snapshot, indices: list[int], mixed: bool
     ) -> tuple[dict[int, str], list[str]]:
         """Per-event damage for one page: replacement texts by position, and the fields dropped.
 

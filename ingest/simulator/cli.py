@@ -23,6 +23,7 @@ import click
 from ingest.simulator.config import (
     CHAOS_MODES,
     LATENCY_MODES,
+    PROTOCOL_FAULTS,
     SimulatorConfig,
     parse_setting,
 )
@@ -66,26 +67,43 @@ def write_atomically(path: Path, text: str) -> None:
 @click.option("--api-key", "api_keys", multiple=True, help="Accepted key (repeatable); none: a demo key is printed.")
 @click.option("--latency", type=click.Choice(LATENCY_MODES), help="Latency model [default: realistic].")
 @click.option("--time-scale", type=click.FloatRange(min=1.0), help="Divide every duration by this [default: 1].")
+@click.option("--arrival-rate", type=click.FloatRange(min=0.0), metavar="R",
+              help="Go live: append R new events per model second at the newest end while serving, timestamped "
+                   "at arrival on the data's own clock (from the newest event on); scaled by --time-scale like "
+                   "every duration, so R x scale events per wall second [default: 0, a static dataset].")
 @click.option("--rate-limits", type=click.Choice(["on", "off"]), help="Enforce rate limits [default: on].")
 @click.option("--chaos", type=click.Choice(CHAOS_MODES), help="Fault preset [default: mild].")
 @click.option("--chaos-seed", type=int, help="Seed of the fault layer [default: 7].")
+@click.option("--protocol-fault", type=click.Choice(PROTOCOL_FAULTS),
+              help="Paging that breaks in well-formed 200s: hasMore without nextCursor, a nextCursor back to the "
+                   "page just served, or empty pages that claim more [default: none].")
+@click.option("--protocol-fault-rate", type=click.FloatRange(0.0, 1.0), metavar="P",
+              help="Share of page positions served with --protocol-fault on their first request [default: 0].")
+@click.option("--protocol-fault-from", type=click.IntRange(min=0), metavar="N",
+              help="From position N of the order on, every page has --protocol-fault and the server never gets "
+                   "past N [default: never].")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Written (atomically) with the base URL once listening.")
 @click.option("--truth-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Written at start: JSON header line, then the storable ids one per line.")
+              help="Written at start: JSON header line, then the storable ids one per line (the static "
+                   "dataset: later arrivals are served at /_sim/arrivals).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON object of tunables (datasync-api.md section 9, snake_case names).")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE", help="Set any tunable (repeatable).")
 def simulate(
     host: str, port: int, events: int | None, seed: int | None, api_keys: tuple[str, ...], latency: str | None,
-    time_scale: float | None, rate_limits: str | None, chaos: str | None, chaos_seed: int | None,
-    ready_file: Path | None, truth_file: Path | None, config_file: Path | None, settings: tuple[str, ...],
+    time_scale: float | None, arrival_rate: float | None, rate_limits: str | None, chaos: str | None,
+    chaos_seed: int | None, protocol_fault: str | None, protocol_fault_rate: float | None,
+    protocol_fault_from: int | None, ready_file: Path | None, truth_file: Path | None, config_file: Path | None,
+    settings: tuple[str, ...],
 ) -> None:
     """Serve the bundled DataSync API simulator."""
     options = {
         "events": events, "seed": seed, "api_keys": api_keys or None, "latency": latency,
-        "time_scale": time_scale, "rate_limits": None if rate_limits is None else rate_limits == "on",
-        "chaos": chaos, "chaos_seed": chaos_seed,
+        "time_scale": time_scale, "arrival_rate": arrival_rate,
+        "rate_limits": None if rate_limits is None else rate_limits == "on", "chaos": chaos, "chaos_seed": chaos_seed,
+        "protocol_fault": protocol_fault, "protocol_fault_rate": protocol_fault_rate,
+        "protocol_fault_from": protocol_fault_from,
     }
     try:
         file_values = json.loads(config_file.read_text()) if config_file else {}

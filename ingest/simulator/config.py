@@ -3,7 +3,8 @@
 Defaults are the realistic model: the real service's sizes, limits, latency and the "mild"
 fault rates. Chaos probabilities default to `None`, meaning "take it from the `chaos`
 preset"; an explicit value overrides the preset, so a test can switch on exactly one fault.
-Durations are in model seconds and are divided by `time_scale` when applied.
+Durations are in model seconds and are divided by `time_scale` when applied; rates per model
+second (`arrival_rate`) are multiplied by it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ OUT_OF_RANGE_MODES = ("empty", "teapot")
 FEED_TIMESTAMP_MODES = ("mixed", "epochMs")
 FEED_WINDOW_KINDS = ("sliding", "fixed")
 RETRY_AFTER_FORMS = ("seconds", "zero", "http_date")
+PROTOCOL_FAULTS = ("none", "no_cursor", "repeat_cursor", "empty_pages")  # see protocol.py
 
 # The chaos knobs and their values per preset. "mild" is section 9; "heavy" is about 5x that,
 # with a larger share of unstorable events and truncation of any body over 1 KB.
@@ -91,6 +93,8 @@ class SimulatorConfig:
     session_events_max: int = 70
     time_start: int = 1766946793000
     time_end: int = 1769541612369
+    # New events per model second, appended at the newest end while serving (arrivals.py); 0: static
+    arrival_rate: float = 0.0
     # Auth
     api_keys: tuple[str, ...] = field(default_factory=lambda: (demo_key(),))
     key_validity: float = 3 * 3600.0
@@ -155,7 +159,17 @@ class SimulatorConfig:
     burst_every: int = 0  # outage bursts: the last `burst_length` of every `burst_every`
     burst_length: int = 0  # requests get a 503/502; 0: off
     garbage_cursor_502: bool = False
-    # Dataset: this many events are replaced by hand-written hostile ones (hostile.py)
+    # Paging that breaks in well-formed 200s (protocol.py): `hasMore` without `nextCursor`, a
+    # `nextCursor` back to the page just served, or empty pages that claim more. Served now and
+    # then (`protocol_fault_rate`: the share of page positions whose first
+    # `protocol_fault_repeats` requests get it) and/or for good from position
+    # `protocol_fault_from` of the order on, past which the server then never gets
+    protocol_fault: str = "none"
+    protocol_fault_rate: float = 0.0
+    protocol_fault_repeats: int = 1
+    protocol_fault_from: int | None = None
+    # Dataset: this many events are replaced by hand-written hostile ones (hostile.py); arrivals
+    # get them at the same share
     hostile_events: int = 0
 
     def __post_init__(self) -> None:
@@ -166,6 +180,7 @@ class SimulatorConfig:
             "feed_timestamp_mode": (self.feed_timestamp_mode, FEED_TIMESTAMP_MODES),
             "feed_window_kind": (self.feed_window_kind, FEED_WINDOW_KINDS),
             "retry_after_form": (self.retry_after_form, RETRY_AFTER_FORMS),
+            "protocol_fault": (self.protocol_fault, PROTOCOL_FAULTS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -178,6 +193,14 @@ class SimulatorConfig:
             raise ValueError("at least one API key is needed")
         if self.time_end <= self.time_start:
             raise ValueError("time_end must be after time_start")
+        if not 0 <= self.arrival_rate < float("inf"):
+            raise ValueError("arrival_rate must be a finite number of events per second, 0 or more")
+        if not 0 <= self.protocol_fault_rate <= 1:
+            raise ValueError("protocol_fault_rate must be between 0 and 1")
+        if self.protocol_fault_repeats < 1:
+            raise ValueError("protocol_fault_repeats must be at least 1")
+        if self.protocol_fault_from is not None and self.protocol_fault_from < 0:
+            raise ValueError("protocol_fault_from must be a position in the order: 0 or more")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
 
     @property

@@ -8,7 +8,7 @@ size) are few enough to keep their JSON fragments pre-formatted.
 Order is (timestamp DESC, id DESC), ids compared as lowercase strings; page lookups are binary
 searches on the timestamp array. "Unstorable" events (section 9 chaos) are part of the data:
 the same events are damaged on every fetch, so a correct client ends with exactly
-`storable_ids()`.
+`storable_ids()`. The same layout, append-only, holds the live arrivals (arrivals.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -42,7 +42,7 @@ _EVENT = (
 )
 
 
-def _uuid4_bytes(rng: random.Random, count: int) -> bytearray:
+def uuid4_bytes(rng: random.Random, count: int) -> bytearray:
     """`count` random UUID v4 values, 16 bytes each, version and variant bits set in bulk."""
     raw = bytearray()
     for done in range(0, count, 65536):  # in chunks: no second full-size copy at the peak
@@ -52,13 +52,33 @@ def _uuid4_bytes(rng: random.Random, count: int) -> bytearray:
     return raw
 
 
+def random_names(rng: random.Random, count: int) -> str:
+    """`count` event name suffixes (6 characters of [a-z0-9] each), concatenated."""
+    return rng.randbytes(6 * count).translate(_NAME_TABLE).decode("ascii")
+
+
+def shuffled_types(rng: random.Random, count: int) -> bytearray:
+    """Type indices for `count` events: the section 6 multiset scaled to `count`, shuffled."""
+    counts = scaled_type_counts(count)
+    types = bytearray(b"".join(bytes([t]) * n for t, (_, n) in enumerate(counts)))
+    rng.shuffle(types)
+    return types
+
+
+def session_fragments(session_id: str, user_id: str, device: str, browser: str) -> tuple[str, str]:
+    """The pre-formatted JSON around an event's own fields: its session's part of every event."""
+    return (f'"sessionId":"{session_id}","userId":"{user_id}",',
+            f',"session":{{"id":"{session_id}","deviceType":"{device}","browser":"{browser}"}}}}')
+
+
 def format_uuid(raw: bytes | bytearray) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # ISO formatting is the hot spot of rendering: a minute prefix (memoised, at most ~43,000 for
-# the 30-day span) plus one of 60,000 precomputed "SS.mmmZ" suffixes.
+# the 30-day span, plus one per model minute of live arrivals) plus one of 60,000 precomputed
+# "SS.mmmZ" suffixes.
 _MINUTE_SUFFIX = tuple(f"{second:02d}.{ms:03d}Z" for second in range(60) for ms in range(1000))
 _minute_prefix: dict[int, str] = {}
 
@@ -91,11 +111,18 @@ def session_sizes(rng: random.Random, events: int, sessions: int, low: int, high
 
 @dataclass(frozen=True)
 class Truth:
-    """What a correct client ends with: every storable id, and how many events cannot be stored."""
+    """What a correct client ends with: every storable id, and how many events cannot be stored.
+
+    With live arrivals it is a snapshot: `arrived` of the `total` events are arrivals, and
+    `clock` is the model time (epoch ms on the dataset's axis) it was taken at: every event
+    with a timestamp below it is in the snapshot, every later arrival has one at or above it.
+    """
 
     storable_ids: frozenset[str]
     unstorable: int
     total: int
+    arrived: int = 0
+    clock: int | None = None  # None: a static dataset
 
 
 class Dataset:
@@ -107,7 +134,7 @@ class Dataset:
         ids: bytearray,
         names: str,
         sess: array,
-        types: bytes,
+        types: bytes | bytearray,
         type_names: Sequence[str],
         session_prefix: list[str],
         session_suffix: list[str],
@@ -115,6 +142,7 @@ class Dataset:
         unstorable: dict[int, str],
         stats: dict[str, Any],
         hostile: dict[int, str] | None = None,
+        user_ids: bytes | bytearray = b"",
     ) -> None:
         self.ts = ts
         self.ids = ids
@@ -128,6 +156,7 @@ class Dataset:
         self.unstorable = unstorable
         self.hostile = hostile or {}  # storable hostile events (unstorable ones are in `unstorable`)
         self.stats = stats
+        self.user_ids = user_ids  # 16 bytes per user: arrivals' sessions belong to the same users
         self._views: dict[tuple[str, str], Sequence[int]] = {}
         self.everything = range(len(ts))  # the unfiltered view
 
@@ -159,14 +188,13 @@ class Dataset:
         ts[0] = config.time_end
         if n > 1:
             ts[n - 1] = config.time_start
-        ids = _uuid4_bytes(rng, n)
+        ids = uuid4_bytes(rng, n)
         _sort_ties(ts, ids)
         type_counts = scaled_type_counts(n)
-        types = bytearray(b"".join(bytes([t]) * count for t, (_, count) in enumerate(type_counts)))
-        rng.shuffle(types)
-        names = rng.randbytes(6 * n).translate(_NAME_TABLE).decode("ascii")
-        session_ids = _uuid4_bytes(rng, n_sessions)
-        user_ids = _uuid4_bytes(rng, config.n_users)
+        types = shuffled_types(rng, n)
+        names = random_names(rng, n)
+        session_ids = uuid4_bytes(rng, n_sessions)
+        user_ids = uuid4_bytes(rng, config.n_users)
         prefix, suffix, index = [], [], {}
         device_counts = dict.fromkeys(DEVICE_TYPES, 0)
         for s in range(n_sessions):
@@ -175,8 +203,9 @@ class Dataset:
             uid = format_uuid(user_ids[16 * u : 16 * u + 16])
             device, browser = rng.choice(DEVICE_TYPES), rng.choice(BROWSERS)
             device_counts[device] += sizes[s]
-            prefix.append(f'"sessionId":"{sid}","userId":"{uid}",')
-            suffix.append(f',"session":{{"id":"{sid}","deviceType":"{device}","browser":"{browser}"}}}}')
+            head, tail = session_fragments(sid, uid, device, browser)
+            prefix.append(head)
+            suffix.append(tail)
             index[sid] = s
         unstorable = pick_unstorable(config, n)
         hostile: dict[int, str] = {}
@@ -190,12 +219,16 @@ class Dataset:
             "deviceTypes": [{"deviceType": d, "count": c} for d, c in device_counts.items()],
         }
         return cls(ts, ids, names, sess, bytes(types), [t for t, _ in type_counts], prefix, suffix,
-                   index, unstorable, stats, hostile)
+                   index, unstorable, stats, hostile, user_ids)
 
     # -- lookups -------------------------------------------------------------------------
 
     def id_of(self, i: int) -> str:
         return format_uuid(self.ids[16 * i : 16 * i + 16])
+
+    @property
+    def oldest_ts(self) -> int:
+        return self.ts[len(self.ts) - 1]
 
     def find_id(self, event_id: str) -> int | None:
         """Index of an id, by scanning the id bytes (a rare discovery route; no 100 MB map)."""
@@ -222,7 +255,8 @@ class Dataset:
             s = self.session_index.get(session_id, -1) if session_id else None
             t = self.type_names.index(type_name) if type_name in self.type_names else -1
             sess, types = self.sess, self.types
-            found = array("i", [
+            unknown = s == -1 or (type_name is not None and t == -1)  # no match: no scan of the data
+            found = array("i", [] if unknown else [
                 i for i in range(len(self))
                 if (s is None or sess[i] == s) and (type_name is None or types[i] == t)
             ])
@@ -232,31 +266,15 @@ class Dataset:
         return found
 
     def position_after(self, view: Sequence[int], ts: int, event_id: str) -> int:
-        """First position in `view` strictly after (ts, id) in (ts DESC, id DESC) order."""
-        times = self.ts
-        lo, hi = 0, len(view)
-        while lo < hi:  # first position whose ts <= cursor ts
-            mid = (lo + hi) // 2
-            if times[view[mid]] > ts:
-                lo = mid + 1
-            else:
-                hi = mid
-        event_id = event_id.lower()
-        while lo < len(view) and times[view[lo]] == ts and self.id_of(view[lo]) >= event_id:
-            lo += 1
-        return lo
+        return position_after(self.ts, self.id_of, view, ts, event_id)
 
     def position_before_ts(self, view: Sequence[int], ts: int) -> int:
-        """First position in `view` whose timestamp is < ts (the `until`/`since` bounds)."""
-        times = self.ts
-        lo, hi = 0, len(view)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if times[view[mid]] >= ts:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return position_before_ts(self.ts, view, ts)
+
+    def static_range(self, view: Sequence[int], start: int, end: int) -> tuple[int, int] | None:
+        """Positions [start, end) of `view` as a range of the static order, if they are one
+        (only such pages are rendered ahead by the server)."""
+        return (start, end) if view is self.everything else None
 
     # -- rendering -----------------------------------------------------------------------
 
@@ -297,17 +315,19 @@ class Dataset:
         kind = self.hostile.get(i) or self.unstorable[i]
         return hostile_json(kind, self.event_dict(i, True))
 
-    def render(self, indices: Iterable[int], mixed: bool, special: dict[int, str] | None = None) -> list[str]:
+    def render(self, indices: Iterable[int], mixed: bool, special: dict[int, str] | None = None,
+               offset: int = 0) -> list[str]:
         """Event JSON texts for `indices`; position p gets epoch ms when p % 3 == 0 (if mixed).
 
-        `special` maps positions to replacement texts (per-response chaos damage).
+        `special` maps positions to replacement texts (per-response chaos damage). Positions
+        start at `offset`: a page can be rendered in parts (arrivals, then the static events).
         """
         ids, names, times, sess, types = self.ids, self.names, self.ts, self.sess, self.types
         type_names, prefix, suffix = self.type_names, self.session_prefix, self.session_suffix
         unstorable, hostile = self.unstorable, self.hostile
         out: list[str] = []
         minute_prefix, minute_suffix = _minute_prefix, _MINUTE_SUFFIX
-        for p, i in enumerate(indices):
+        for p, i in enumerate(indices, offset):
             numeric = not mixed or p % 3 == 0
             if special and p in special:
                 out.append(special[p])
@@ -342,6 +362,40 @@ class Dataset:
 
     def truth(self) -> Truth:
         return Truth(frozenset(self.storable_id_iter()), len(self.unstorable), len(self))
+
+
+class Timestamps(Protocol):
+    """Timestamp by storage index: a Dataset's array, or one index space over two of them."""
+
+    def __getitem__(self, i: int, /) -> int: ...
+
+
+def position_after(times: Timestamps, id_of: Callable[[int], str], view: Sequence[int], ts: int,
+                   event_id: str) -> int:
+    """First position in `view` strictly after (ts, id) in (ts DESC, id DESC) order."""
+    lo, hi = 0, len(view)
+    while lo < hi:  # first position whose ts <= cursor ts
+        mid = (lo + hi) // 2
+        if times[view[mid]] > ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    event_id = event_id.lower()
+    while lo < len(view) and times[view[lo]] == ts and id_of(view[lo]) >= event_id:
+        lo += 1
+    return lo
+
+
+def position_before_ts(times: Timestamps, view: Sequence[int], ts: int) -> int:
+    """First position in `view` whose timestamp is < ts (the `until`/`since` bounds)."""
+    lo, hi = 0, len(view)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if times[view[mid]] >= ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _sort_ties(ts: array, ids: bytearray) -> None:

@@ -2,7 +2,8 @@
 
 `spawn_simulator` runs `python -m ingest.simulator.cli` with the full config as a JSON file,
 waits for the ready file, and offers the same handle as the in-process `Simulator`
-(truth from the truth file, stats over HTTP from the hidden `/_sim/stats`).
+(truth from the truth file, plus the live arrivals and their clock over HTTP from the hidden
+`/_sim/arrivals`; stats from `/_sim/stats`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import requests
 
 from ingest.simulator.config import SimulatorConfig
 from ingest.simulator.dataset import Truth
-from ingest.simulator.truth import read_truth_file
+from ingest.simulator.truth import read_truth_file, with_arrivals
 
 
 class SpawnedSimulator:
+    """A simulator in a child process; `truth()`, `freeze_arrivals()` and `resume_arrivals()`
+    give exactly the guarantees documented on `Simulator` (the snapshot is taken in the child,
+    at one instant while the request to it is served)."""
+
     def __init__(self, config: SimulatorConfig, host: str = "127.0.0.1", port: int = 0,
                  startup_timeout: float = 120.0) -> None:
         self.config = config
@@ -52,9 +57,28 @@ class SpawnedSimulator:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def truth(self) -> Truth:
+        if not self.config.arrival_rate:
+            return self._static_truth()
+        return self._arrivals("GET", "")
+
+    def freeze_arrivals(self) -> Truth:
+        if not self.config.arrival_rate:
+            return self._static_truth()
+        return self._arrivals("POST", "/freeze")
+
+    def resume_arrivals(self) -> None:
+        if self.config.arrival_rate:
+            requests.post(self.root_url + "/_sim/arrivals/resume", timeout=30).raise_for_status()
+
+    def _static_truth(self) -> Truth:
         if self._truth is None:
             self._truth = read_truth_file(self._truth_path)
         return self._truth
+
+    def _arrivals(self, method: str, action: str) -> Truth:
+        response = requests.request(method, self.root_url + "/_sim/arrivals" + action, timeout=60)
+        response.raise_for_status()
+        return with_arrivals(self._static_truth(), response.text)
 
     def stats(self) -> dict[str, Any]:
         response = requests.get(self.root_url + "/_sim/stats", timeout=10)

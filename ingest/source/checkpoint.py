@@ -23,7 +23,7 @@ from ingest.locks import locked
 from ingest.source.lanes import Lane, Mode
 
 # 2: `mode` and `lane` (version 1 called both `source`). 3: the target, and what top-ups
-# need (`source_total`, `rows_earlier`, `loaded_newest_ms`, `topped_up_at`). Older versions
+# need (`source_total`, `rows_earlier`, `earlier_generations`, `loaded_newest_ms`, `topped_up_at`). Older versions
 # still resume: a version 2 state adopts the target of the first run that reads it.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -68,6 +68,7 @@ class Checkpoint:
     target: dict[str, str] | None = None  # what the state belongs to (`Config.target`)
     source_total: int | None = None  # meta.total at the last look at the source
     rows_earlier: int = 0  # rows sealed by earlier epochs
+    earlier_generations: list[str] = field(default_factory=list)  # theirs: `reset --drop-table` clears their ledger rows
     loaded_newest_ms: int | None = None  # every event up to this time is loaded
     topped_up_at: float | None = None  # when a top-up (or the first load) last finished
     version: int = FORMAT_VERSION

@@ -7,7 +7,8 @@ without a signature. That makes three things possible that the client relies on:
 - an expired cursor is revived by rewriting `exp` (`refresh_cursor`), so a long 429 wait
   never forces a restart from the newest event;
 - a cursor can be forged at any timestamp (`position_cursor`) to start a partition or to
-  resume when only a timestamp is known;
+  resume when only a timestamp is known, and at any event (`encode_cursor`) to go on after it
+  when the server's own paging breaks (`ingest.source.paging`);
 - expiry can be predicted locally from the decoded `exp` (`cursor_expiring`), because the
   server's `cursorExpiresIn` may be stale on cached responses.
 """
@@ -20,11 +21,11 @@ import json
 from typing import Any
 
 CURSOR_VERSION = 2
-# Sorts after every lowercase UUID, so a forged cursor at `ts` never skips an event at `ts`
-# when ids tie-break descending; when they tie-break ascending it starts just below `ts`.
 # The `exp` we write into a cursor we refresh or forge: the API trusts it, and its own
 # cursors live about this long (datasync-api.md, "Cursors").
 CURSOR_TTL_MS = 120_000
+# Sorts after every lowercase UUID, so a forged cursor at `ts` never skips an event at `ts`
+# when ids tie-break descending; when they tie-break ascending it starts just below `ts`.
 FORGE_ID = "ffffffff-ffff-ffff-ffff-ffffffffffff"
 
 

@@ -3,6 +3,8 @@
 Pages are normalised a page at a time and appended to the open segment. A segment is sealed
 only at a page boundary, and the checkpoint (the cursor after that page) is written only
 after the seal is durable, so a crash loses at most the open segment, which is fetched again.
+The cursor after a page is the server's, or one forged from the last event held where the
+server's paging breaks (`ingest.source.paging` decides which, or that the walk is stuck).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from loguru import logger
 
 from ingest.config import Config
 from ingest.source import checkpoint
-from ingest.source.api import ApiClient, Page, SourceUnavailable, Stopped
+from ingest.source.api import API_SUFFIX, FEED_PATH, ApiClient, FatalApiError, SourceUnavailable, Stopped
 from ingest.source.checkpoint import PartitionState
-from ingest.source.cursors import CURSOR_TTL_MS, decode_cursor, position_cursor, refresh_cursor
+from ingest.source.cursors import CURSOR_TTL_MS, FORGE_ID, position_cursor, refresh_cursor
 from ingest.source.lanes import Lane, lane_rates
 from ingest.source.normalise import normalise_page
+from ingest.source.paging import Move, Paging, Position, Step, cursor_position, forged_cursor, read_page
 from ingest.source.plan import plan_steal, progress_mark
 
 BACKPRESSURE_POLL_S = 0.2
@@ -29,14 +32,21 @@ STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often...
 STEAL_PATIENCE_S = 30.0  # ...until no walk has moved for this long (a segment seals within --segment-max-age)
 
 
-def partition_finished(page: Page, lower_ms: int) -> bool:
+def partition_finished(step: Step, lower_ms: int) -> bool:
     """No more pages, or (on /events, which ignores since/until) we went below the window."""
-    if not page.has_more or not page.next_cursor:
-        return True
-    try:
-        return int(decode_cursor(page.next_cursor)["ts"]) < lower_ms
-    except (ValueError, KeyError, TypeError):
-        return False
+    return step.move is Move.END or step.position.ts < lower_ms
+
+
+def endpoint(lane: Lane) -> str:
+    """The path a stuck walk names. The feed's is the constant: stream-access has always
+    named that one (datasync-api.md section 1)."""
+    return FEED_PATH if lane == "feed" else API_SUFFIX + "/events"
+
+
+def start_position(part: PartitionState, cursor: str | None) -> Position:
+    """Where the walk stands before its first page: the cursor it resumes from or starts at,
+    else the top of its window (the feed's first page in the window is its newest)."""
+    return cursor_position(cursor) or Position(part.upper_ms + 1, FORGE_ID)
 
 
 def request_window(part: PartitionState) -> tuple[int | None, int | None]:
@@ -129,11 +139,13 @@ def current_lower(state_path: Path, part: PartitionState) -> int:
 
 
 def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
-    """Walk `part` until drained (True) or stopped (False). Raises ApiError on failure."""
+    """Walk `part` until drained (True) or stopped (False). Raises ApiError on failure, and
+    FatalApiError when the server cannot be walked past an event (a restart would not help)."""
     config = ctx.config
     part = skip_sequence(config.state_path, part)
     writer = ctx.open_output(part.index, part.next_seq)
     cursor = start_cursor(part, int(time.time() * 1000))
+    paging = Paging.starting_at(start_position(part, cursor))
     since, until = request_window(part)
     unsealed_rows = unsealed_pages = 0
 
@@ -174,11 +186,18 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             rows = normalise_page(page.events, window=(part.lower_ms, part.upper_ms))
             if rows.rows:
                 writer.append(rows.data, rows.rows)
-            cursor = page.next_cursor
+            paging, step = paging.after(read_page(page.events, page.has_more, page.next_cursor))
+            if step.move is Move.STALLED:
+                raise FatalApiError(f"{endpoint(part.lane)}: {step.reason}")
+            if step.move is Move.FORGE:
+                logger.warning("{}: {}; going on below {}", endpoint(part.lane), step.reason, step.position)
+                cursor = forged_cursor(step.position, int(time.time() * 1000) + CURSOR_TTL_MS)
+            else:
+                cursor = page.next_cursor
             unsealed_rows += rows.rows
             unsealed_pages += 1
             ctx.on_page(rows.rows)
-            if partition_finished(page, part.lower_ms):
+            if partition_finished(step, part.lower_ms):
                 commit(done=True)
                 return True
             if writer.due():

@@ -123,8 +123,9 @@ def plan_top(state: Checkpoint, newest_ms: int | None, source_total: int | None,
     if state.drained:
         return Checkpoint(generation=generation, mode=state.mode, total=growth, newest_ms=newest_ms, oldest_ms=bottom,
                           partitions=split_range(bottom, top, lanes, floor_ms=bottom), target=state.target,
-                          source_total=source_total, rows_earlier=state.rows, loaded_newest_ms=state.loaded_newest_ms,
-                          topped_up_at=state.topped_up_at)
+                          source_total=source_total, rows_earlier=state.rows,
+                          earlier_generations=[*state.earlier_generations, state.generation],
+                          loaded_newest_ms=state.loaded_newest_ms, topped_up_at=state.topped_up_at)
     more = split_range(bottom, top, lanes, floor_ms=bottom, first_index=len(state.partitions))
     total = None if state.total is None or growth is None else state.total + growth
     return replace(state, total=total, newest_ms=newest_ms, partitions=[*state.partitions, *more],

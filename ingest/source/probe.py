@@ -19,7 +19,7 @@ from ingest.config import Config
 from ingest.source import checkpoint
 from ingest.source.api import ApiClient, FatalApiError, Page, SourceUnavailable
 from ingest.source.checkpoint import Checkpoint, PartitionState
-from ingest.source.cursors import decode_cursor
+from ingest.source.cursors import CURSOR_TTL_MS, decode_cursor, position_cursor
 from ingest.source.fetcher import request_window, start_cursor
 from ingest.source.lanes import Lane, Mode, lane_rates
 from ingest.source.normalise import parse_timestamp
@@ -31,6 +31,10 @@ from ingest.source.plan import choose_lanes, estimate_oldest, partitions_for, pr
 PROBE_LIMIT = 1000
 SAMPLE_LIMIT = 5000
 LOOK_LIMIT = 100  # a top-up's look at the newest end: a few events, in case the newest is unreadable
+# A position above any event (the year 2286): a look asks for the page below it, with a fresh
+# `exp`, because /events answers a request it saw within 30 s from its cache, and a top-up
+# must not plan from a page that old.
+ABOVE_ALL_MS = 9_999_999_999_999
 # The lanes each `--source` choice plans for.
 MODE_OF_CHOICE: dict[str, Mode] = {"auto": "mixed", "feed": "feed", "events": "events"}
 
@@ -113,11 +117,12 @@ def look(client: ApiClient, mode: Mode) -> tuple[int | None, int | None]:
     """The newest event's time and meta.total, from one small page at the newest end: all
     a top-up needs to plan (one request, and a stream token on the feed)."""
     lane: Lane = "events" if mode == "events" else "feed"
+    top = position_cursor(ABOVE_ALL_MS, int(time.time() * 1000), CURSOR_TTL_MS)
     try:
-        page = client.fetch_page(lane, None, limit=LOOK_LIMIT)
+        page = client.fetch_page(lane, top, limit=LOOK_LIMIT)
     except SourceUnavailable:
         if mode == "feed":
             raise
-        page = client.fetch_page("events", None, limit=LOOK_LIMIT)
+        page = client.fetch_page("events", top, limit=LOOK_LIMIT)
     return newest_timestamp_ms(page.events), page.total
 

@@ -1,7 +1,7 @@
 """Bad configuration: `bin/datasync-ingest run` as a user runs it.
 
-Every wrong option or environment value exits 2 with exactly one line on stderr that names
-it. An unreachable database or API exits 1 with the reason in one clear line, no traceback
+Every wrong option or environment value (a secret file included) exits 2 with exactly one
+line on stderr that names it. An unreachable database or API exits 1 with the reason in one clear line, no traceback
 and no password.
 """
 
@@ -19,7 +19,7 @@ from tests.e2e import PROGRAM
 
 KEY = "ds_" + "0123456789abcdef" * 2
 PASSWORD = "s3cret-Pa55word"
-GOOD = {"DATASYNC_API_URL": "http://127.0.0.1:9/api/v1", "DATASYNC_API_KEY": KEY, "LOG_FORMAT": "json"}
+GOOD = {"DATASYNC_API_URL": "http://127.0.0.1:9/api/v1", "DATASYNC_API_KEY": KEY, "INGEST_LOG_FORMAT": "json"}
 
 # (option, bad value, text the one line must contain). The option form and the environment
 # form of each are both tried.
@@ -55,12 +55,12 @@ BAD_VALUES: list[tuple[str, str, str]] = [
 ENV_NAMES = {
     "--api-url": "DATASYNC_API_URL", "--api-key": "DATASYNC_API_KEY", "--database-url": "DATABASE_URL",
     "--workers": "INGEST_WORKERS", "--source": "INGEST_SOURCE", "--table": "INGEST_TABLE",
-    "--log-format": "LOG_FORMAT", "--log-level": "LOG_LEVEL", "--partitions": "INGEST_PARTITIONS",
+    "--log-format": "INGEST_LOG_FORMAT", "--log-level": "INGEST_LOG_LEVEL", "--partitions": "INGEST_PARTITIONS",
     "--page-limit": "INGEST_PAGE_LIMIT", "--feed-rate": "INGEST_FEED_RATE", "--events-rate": "INGEST_EVENTS_RATE",
     "--rate-window": "INGEST_RATE_WINDOW", "--request-timeout": "INGEST_REQUEST_TIMEOUT",
-    "--max-attempts": "INGEST_MAX_ATTEMPTS", "--segment-max-rows": "INGEST_SEGMENT_ROWS",
-    "--segment-max-bytes": "INGEST_SEGMENT_BYTES", "--segment-max-age": "INGEST_SEGMENT_AGE",
-    "--ready-max-bytes": "INGEST_READY_BYTES", "--keep-segments": "INGEST_KEEP_SEGMENTS",
+    "--max-attempts": "INGEST_MAX_ATTEMPTS", "--segment-max-rows": "INGEST_SEGMENT_MAX_ROWS",
+    "--segment-max-bytes": "INGEST_SEGMENT_MAX_BYTES", "--segment-max-age": "INGEST_SEGMENT_MAX_AGE",
+    "--ready-max-bytes": "INGEST_READY_MAX_BYTES", "--keep-segments": "INGEST_KEEP_SEGMENTS",
     "--stats-interval": "INGEST_STATS_INTERVAL", "--metrics-port": "INGEST_METRICS_PORT",
     "--max-restarts": "INGEST_MAX_RESTARTS",
 }
@@ -82,6 +82,31 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def secret_file_cases(tmp: Path) -> list[tuple[str, list[str], dict[str, str], str, str]]:
+    """Secrets from files: the message names the file, never its content."""
+    (tmp / "empty").write_text("\n")
+    (tmp / "key").write_text(KEY + "\n")
+    (tmp / "dsn").write_text(f"postgresql://u:{PASSWORD}@h/db\n")
+    (tmp / "bad-dsn").write_text(f"mysql://u:{PASSWORD}@h/db\n")
+    no_key = clean_env(tmp)
+    del no_key["DATASYNC_API_KEY"]
+    return [
+        ("key file missing", ["run", "--api-key-file", str(tmp / "absent")], no_key, "--api-key-file", "cannot read"),
+        ("key file empty", ["run"], {**no_key, "DATASYNC_API_KEY_FILE": str(tmp / "empty")}, str(tmp / "empty"),
+         "is empty"),
+        ("key file a directory", ["run"], {**no_key, "DATASYNC_API_KEY_FILE": str(tmp)}, "DATASYNC_API_KEY_FILE",
+         "cannot read"),
+        ("key and key file", ["run", "--api-key", KEY, "--api-key-file", str(tmp / "key")], no_key,
+         "--api-key and --api-key-file", "both given"),
+        ("key and key file in the environment", ["run"], clean_env(tmp, DATASYNC_API_KEY_FILE=str(tmp / "key")),
+         "DATASYNC_API_KEY and DATASYNC_API_KEY_FILE", "both given"),
+        ("url and url file", ["run"], clean_env(tmp, DATABASE_URL=f"postgresql://u:{PASSWORD}@h/db",
+                                              DATABASE_URL_FILE=str(tmp / "dsn")), "DATABASE_URL_FILE", "both given"),
+        ("bad url in its file", ["run", "--database-url-file", str(tmp / "bad-dsn")], clean_env(tmp),
+         str(tmp / "bad-dsn"), "postgresql://"),
+    ]
+
+
 def cases(tmp: Path) -> list[tuple[str, list[str], dict[str, str], str, str]]:
     """(label, argv, env, name the line must contain, text it must contain)."""
     out = []
@@ -96,7 +121,11 @@ def cases(tmp: Path) -> list[tuple[str, list[str], dict[str, str], str, str]]:
     del missing_key["DATASYNC_API_KEY"]
     out.append(("no api key", ["run"], missing_key, "--api-key", "required"))
     out.append(("unknown option", ["run", "--no-such-thing", "1"], clean_env(tmp), "--no-such-thing", "No such option"))
-    out.append(("unknown command", ["frobnicate"], clean_env(tmp), "frobnicate", "unexpected"))
+    out.append(("unknown command", ["frobnicate"], clean_env(tmp), "frobnicate", "No such command"))
+    out.append(("mistyped command", ["statsu"], clean_env(tmp), "statsu", "Did you mean 'status'?"))
+    out += secret_file_cases(tmp)
+    out.append(("bad value under an old name", ["run"], clean_env(tmp, INGEST_SEGMENT_ROWS="0"), "INGEST_SEGMENT_ROWS",
+                "at least 1"))
     out.append(("missing value", ["run", "--workers"], clean_env(tmp), "--workers", "requires an argument"))
     (tmp / "a-file").write_text("not a directory")
     out.append(("data dir is a file", ["run", "--data-dir", str(tmp / "a-file")], clean_env(tmp), "--data-dir",

@@ -32,7 +32,7 @@ SIM_DEFAULTS = {"events": 30_000, "seed": 9}  # for the `simulator` fixture (con
 
 
 def fault_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
-    values: dict[str, Any] = {"INGEST_PAGE_LIMIT": 1000, "INGEST_SEGMENT_ROWS": 1000, "INGEST_PARTITIONS": 2, **extra}
+    values: dict[str, Any] = {"INGEST_PAGE_LIMIT": 1000, "INGEST_SEGMENT_MAX_ROWS": 1000, "INGEST_PARTITIONS": 2, **extra}
     return ingest_env(sim, dsn, data_dir, **values)
 
 
@@ -180,7 +180,7 @@ def test_many_terminations_and_timeouts_together(
     simulator: Any, pg_server_dsn: str, pg_dsn: str, data_dir: Path
 ) -> None:
     dbname = dbname_of(pg_dsn)
-    env = fault_env(simulator, pg_dsn, data_dir, INGEST_WORKERS=3, INGEST_SEGMENT_ROWS=2000)
+    env = fault_env(simulator, pg_dsn, data_dir, INGEST_WORKERS=3, INGEST_SEGMENT_MAX_ROWS=2000)
     run = start_run(env, data_dir / "run.log")
     killed = timeouts = 0
     try:

@@ -61,7 +61,7 @@ def test_disk_full_while_a_segment_is_written(
     simulator: Any, pg_dsn: str, small_data_dir: Path, tmp_path: Path
 ) -> None:
     # A segment of 20,000 rows (several MB) cannot fit in 2 MB.
-    env = ingest_env(simulator, pg_dsn, small_data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_ROWS=20_000,
+    env = ingest_env(simulator, pg_dsn, small_data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_MAX_ROWS=20_000,
                      INGEST_PARTITIONS=1)
     code, log = run_to_end(env, tmp_path / "full.log", timeout=120)
     assert_clean_failure(code, log, pg_dsn, small_data_dir)
@@ -123,7 +123,7 @@ def test_disk_fills_up_at_random_moments(simulator: Any, pg_dsn: str, tmp_path: 
     with small_filesystem(tmp_path / "mnt", "64m") as mount:
         data_dir = mount / "data"
         ballast = mount / "ballast"
-        env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_ROWS=1500,
+        env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_SEGMENT_MAX_ROWS=1500,
                          INGEST_PARTITIONS=2)
         for attempt in range(5):
             run = start_run(env, tmp_path / f"run{attempt}.log")

@@ -194,5 +194,5 @@ def test_hostile_events_end_to_end_over_http(pg_dsn: str, data_dir: Path) -> Non
 def test_many_hostile_events_across_partitions(pg_dsn: str, data_dir: Path) -> None:
     run_hostile(
         pg_dsn, data_dir, 30_000, 20 * len(HOSTILE_KINDS), INGEST_PAGE_LIMIT=2000, INGEST_PARTITIONS=3,
-        INGEST_SEGMENT_ROWS=3000, INGEST_WORKERS=3,
+        INGEST_SEGMENT_MAX_ROWS=3000, INGEST_WORKERS=3,
     )

@@ -46,10 +46,10 @@ SIM_DEFAULTS = {"events": 30_000, "seed": 5}  # for the `simulator` fixture (con
 def kill_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
     values: dict[str, Any] = {
         "INGEST_PAGE_LIMIT": 1000,
-        "INGEST_SEGMENT_ROWS": 2000,
+        "INGEST_SEGMENT_MAX_ROWS": 2000,
         "INGEST_PARTITIONS": 2,
         "INGEST_MAX_RESTARTS": 100,
-        "LOG_LEVEL": "DEBUG",  # fetchers and loaders then log lines with their pid
+        "INGEST_LOG_LEVEL": "DEBUG",  # fetchers and loaders then log lines with their pid
         **extra,
     }
     return ingest_env(sim, dsn, data_dir, **values)
@@ -94,7 +94,7 @@ def ended(run: Run) -> bool:
 
 def test_killed_loaders_claims_are_requeued_in_the_same_run(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
     """A loader killed while it holds a segment: the same run still ends 0 and exact."""
-    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_ROWS=1000, INGEST_PARTITIONS=1)
+    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_MAX_ROWS=1000, INGEST_PARTITIONS=1)
     run = start_run(env, data_dir / "run.log")
     killed = 0
     try:
@@ -123,7 +123,7 @@ def test_orphans_of_a_killed_supervisor_exit_before_the_next_run_starts(
     """SIGKILL of the supervisor alone; a new run is started at once. It must not fetch or
     load while an orphan still works in the data directory, and orphans must exit."""
     # A stalling API (0.75-2.25 s a page) keeps the orphaned fetchers inside a request.
-    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_ROWS=1000)
+    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_MAX_ROWS=1000)
     run = start_run(env, data_dir / "run1.log")
     wait_for(lambda: loaded_segments(pg_dsn) >= 1 or ended(run), 120, "progress")
     assert not ended(run), run.log[-3000:]
@@ -273,7 +273,7 @@ def test_twenty_random_sigkills_then_an_exact_table(simulator: Any, pg_dsn: str,
     rng = random.Random(20261128)
     plan = KINDS[:]
     rng.shuffle(plan)
-    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_ROWS=1500, INGEST_PARTITIONS=2)
+    env = kill_env(simulator, pg_dsn, data_dir, INGEST_SEGMENT_MAX_ROWS=1500, INGEST_PARTITIONS=2)
     survived: dict[str, int] = dict.fromkeys(KINDS, 0)
     attempt = 0
     run = start_run(env, data_dir / "run0.log")

@@ -1,12 +1,15 @@
 """Secrets: the API key, every stream token and the database password never reach a log
 line, the state file, a segment (ready, loaded, rejected) or a reject row, whatever faults
-the run met, and even when the server echoes them back in its error messages.
+the run met, and even when the server echoes them back in its error messages; read from
+files, they stay out of the process list and `status` too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psutil
 import psycopg2
 import psycopg2.extensions
 import pytest
@@ -22,8 +26,9 @@ import responses
 
 from ingest.config import Config
 from ingest.simulator import SimulatorConfig, start_simulator
+from ingest.source import checkpoint
 from ingest.source.api import ApiClient, FatalApiError
-from tests.e2e import PROGRAM, assert_exact, assert_no_secrets, ingest_env, run_to_end
+from tests.e2e import PROGRAM, assert_exact, assert_no_secrets, ingest_env, run_to_end, start_run, wait_for
 
 PASSWORD = "pw-" + secrets.token_hex(8)
 SCALE = 100.0
@@ -53,7 +58,7 @@ def test_no_secret_anywhere_after_a_run_full_of_faults(dsn_with_password: str, d
     try:
         env = ingest_env(
             sim, dsn_with_password, data_dir, INGEST_PAGE_LIMIT=500, INGEST_RATE_WINDOW=60 / SCALE,
-            LOG_LEVEL="DEBUG", INGEST_KEEP_SEGMENTS="1", INGEST_SEGMENT_ROWS=2000,
+            INGEST_LOG_LEVEL="DEBUG", INGEST_KEEP_SEGMENTS="1", INGEST_SEGMENT_MAX_ROWS=2000,
         )
         code, log = run_to_end(env, data_dir / "run.log")
         assert code == 0, log[-3000:]
@@ -70,6 +75,64 @@ def test_no_secret_anywhere_after_a_run_full_of_faults(dsn_with_password: str, d
             assert cur.fetchone()[0] >= 1, "rejects are part of the scan"
         assert_no_secrets(
             [sim.api_key, *tokens, PASSWORD], dsn_with_password, data_dir, log, status.stdout + status.stderr
+        )
+    finally:
+        sim.stop()
+
+
+def drained(data_dir: Path) -> bool:
+    """The checkpoint says drained and no segment waits: a follower is idle between polls."""
+    try:
+        state = checkpoint.read(data_dir / "ingestion.state")
+    except checkpoint.CheckpointError:
+        return False
+    waiting = any(any((data_dir / "segments" / s).glob("*.tsv")) for s in ("open", "ready", "loading"))
+    return state is not None and state.drained and not waiting
+
+
+def process_list(pid: int) -> list[str]:
+    """What `ps` (and /proc) shows of a process and its children: command line and environment."""
+    root = psutil.Process(pid)
+    shown = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            shown.append(" ".join(process.cmdline()) + " " + " ".join(f"{k}={v}" for k, v in process.environ().items()))
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a child that has finished its walk
+            continue
+    return shown
+
+
+def test_secrets_from_files_stay_out_of_logs_state_status_and_the_process_list(
+    dsn_with_password: str, data_dir: Path, tmp_path: Path
+) -> None:
+    sim = start_simulator(SimulatorConfig(events=5_000, seed=8, latency="none", rate_limits=False))
+    try:
+        key_file, dsn_file = tmp_path / "api_key", tmp_path / "database_url"
+        key_file.write_text(sim.api_key + "\n")
+        dsn_file.write_text(dsn_with_password + "\n")
+        env = ingest_env(sim, dsn_with_password, data_dir, INGEST_LOG_LEVEL="DEBUG", INGEST_KEEP_SEGMENTS="1",
+                         INGEST_FOLLOW="1", INGEST_PAGE_LIMIT=500)
+        del env["DATASYNC_API_KEY"], env["DATABASE_URL"]
+        env.update(DATASYNC_API_KEY_FILE=str(key_file), DATABASE_URL_FILE=str(dsn_file))
+        run = start_run(env, data_dir / "run.log")
+        try:
+            # --follow keeps the processes up once everything is loaded: look at all of them
+            wait_for(lambda: drained(data_dir) or run.process.poll() is not None, what="the drain")
+            assert run.process.poll() is None, run.log[-3000:]
+            shown = process_list(run.process.pid)
+            assert shown, "the supervisor is in the process list"
+            os.kill(run.process.pid, signal.SIGTERM)
+            assert run.wait(timeout=120) == 143, run.log[-3000:]
+        finally:
+            run.kill_group()
+        assert_exact(dsn_with_password, sim.truth())
+        statuses = [subprocess.run([*PROGRAM, "status", "--format", fmt], env=env, capture_output=True, text=True,
+                                   timeout=120) for fmt in ("text", "json")]
+        assert all(status.returncode == 0 for status in statuses), statuses
+        assert json.loads(statuses[1].stdout)["database"]["events"] == len(sim.truth().storable_ids)
+        assert_no_secrets(
+            [sim.api_key, PASSWORD], dsn_with_password, data_dir, run.log, *shown,
+            *(status.stdout + status.stderr for status in statuses),
         )
     finally:
         sim.stop()
@@ -110,7 +173,7 @@ def echoing_api() -> Iterator[str]:
 
 def test_a_server_echoing_the_key_gets_it_masked(echoing_api: str, dsn_with_password: str, data_dir: Path) -> None:
     key = "ds_" + secrets.token_hex(16)
-    env = ingest_env(_Sim(echoing_api, key), dsn_with_password, data_dir, LOG_LEVEL="DEBUG")
+    env = ingest_env(_Sim(echoing_api, key), dsn_with_password, data_dir, INGEST_LOG_LEVEL="DEBUG")
     code, log = run_to_end(env, data_dir / "run.log", timeout=120)
     assert code == 1, log[-3000:]
     assert "refused: key ***" in log, "the server's message is quoted, masked"
