@@ -78,9 +78,9 @@ def test_an_unfinished_state_gets_the_top_added_to_its_walk() -> None:
 
 @pytest.mark.parametrize(
     ("newest", "total"),
-    [(NEWEST - 1, 100_000), (None, 100_000), (NEWEST - 500, 100_500)],
+    [(NEWEST - 1, 100_000), (None, 100_000), (NEWEST - 500, 100_500), (NEWEST, 100_000), (NEWEST, None)],
 )
-def test_nothing_newer_plans_nothing(newest: int | None, total: int) -> None:
+def test_nothing_newer_plans_nothing(newest: int | None, total: int | None) -> None:
     old = state()
     plan = plan_top(old, newest, total, 5000, RATES, 0, "new00000")
     assert plan.partitions == old.partitions and plan.generation == "old00000" and plan.drained

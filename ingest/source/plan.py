@@ -110,13 +110,16 @@ def plan_top(state: Checkpoint, newest_ms: int | None, source_total: int | None,
 
     New events arrive at the newest end, so the top is [the plan's newest, the source's
     newest]: the plan's newest millisecond is walked again (events that arrived within it
-    after the last look), and the primary key absorbs what was already loaded. Walkers are
+    after the last look, if meta.total says any did), and the primary key absorbs what was
+    already loaded. Walkers are
     sized by the growth of meta.total (a top-up of a few pages gets a partition or two, not
     the full plan), so its cost follows what is new. A drained state gets a new epoch; an
     unfinished one gets the top added to the walk under way."""
-    if newest_ms is None or state.newest_ms is None or newest_ms < state.newest_ms:
-        return replace(state, source_total=source_total)
     growth = source_total - state.source_total if source_total is not None and state.source_total is not None else None
+    if newest_ms is None or state.newest_ms is None or newest_ms < state.newest_ms or (
+        newest_ms == state.newest_ms and not growth
+    ):
+        return replace(state, source_total=source_total)  # nothing new (a resume after a kill, a quiet source)
     wanted = requested or max(1, min(len(WALKER_ORDER), math.ceil((growth or page_limit) / page_limit)))
     lanes = choose_lanes(state.mode, wanted, rates)
     bottom, top = state.newest_ms, newest_ms + 1
