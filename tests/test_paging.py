@@ -18,6 +18,7 @@ from ingest.source import checkpoint
 from ingest.source.checkpoint import PartitionState
 from ingest.source.cursors import FORGE_ID, decode_cursor, encode_cursor
 from ingest.source.fetcher import fetch_partition
+from ingest.source.normalise import exact_ms
 from ingest.source.paging import (
     FORGED_CURSORS,
     Marks,
@@ -26,7 +27,6 @@ from ingest.source.paging import (
     Position,
     Step,
     cursor_position,
-    exact_ms,
     forged_cursor,
     read_page,
 )

@@ -287,6 +287,13 @@ def _api_stamp(value: object) -> tuple[str, int] | None:
     return None
 
 
+def exact_ms(value: object) -> int | None:
+    """Epoch ms of a timestamp in one of the API's own two forms, else None: a position to
+    forge a cursor from must be millisecond-exact (a rounded one could skip events)."""
+    stamp = _api_stamp(value)
+    return stamp[1] if stamp is not None else None
+
+
 def parse_timestamp(value: object) -> int | None:
     """Epoch microseconds UTC, or None when `value` is no timestamp we can read."""
     if type(value) is int and _MS_LOW <= value < _MS_HIGH:

@@ -22,17 +22,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ingest.source.cursors import decode_cursor, encode_cursor
-from ingest.source.normalise import parse_timestamp
+from ingest.source.normalise import exact_ms
 
 # Forged cursors in a row that may fail to get past the last event held before the walk is
 # declared stuck: one answers an occasional fault, the others a server slow to recover.
 FORGED_CURSORS = 3
 
-# The API's ISO form, millisecond-exact; the other forms a damaged timestamp takes (epoch
-# seconds, text padded with invisible characters) may not be, and a position forged from a
-# timestamp rounded down would skip the events of the rest of that second.
-_API_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", re.ASCII)
-_MS_LOW, _MS_HIGH = 10**11, 10**14
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 
 
@@ -122,16 +117,6 @@ class Paging:
             return self, Step(Move.STALLED, self.held, f"no progress below {self.held} after {self.forged} forged"
                               f" cursors; last: {reason}")
         return replace(self, forged=self.forged + 1), Step(Move.FORGE, self.held, reason)
-
-
-def exact_ms(value: Any) -> int | None:
-    """Epoch ms of a timestamp in one of the API's own two forms, else None."""
-    if type(value) is int:
-        return value if _MS_LOW <= value < _MS_HIGH else None
-    if type(value) is str and _API_ISO.fullmatch(value):
-        us = parse_timestamp(value)
-        return us // 1000 if us is not None else None
-    return None
 
 
 def cursor_position(cursor: str | None) -> Position | None:
