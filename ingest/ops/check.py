@@ -237,11 +237,6 @@ def plan_lines(plan: Checkpoint, config: Config, reported: int | None) -> list[s
 # The shell
 
 
-def schema_sql(table: str) -> sql.Composed:
-    """The run's schema (`db.ensure_schema`), as one statement that does not commit."""
-    return sql.SQL(db.SCHEMA).format(events=sql.Identifier(table), reject_key=sql.SQL(db.reject_key("raw")))
-
-
 def rights_problem(conn: psycopg2.extensions.connection, table: str) -> str | None:
     """What a run may not do on this connection, found out by doing it in a transaction
     that is rolled back: create the tables (when they do not exist yet) and a staging
@@ -253,7 +248,7 @@ def rights_problem(conn: psycopg2.extensions.connection, table: str) -> str | No
     try:
         with conn.cursor() as cur:
             cur.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            cur.execute(schema_sql(table))
+            cur.execute(db.schema_statement(table))
             cur.execute(STAGING_DDL)
             cur.copy_expert(COPY_DIRECT.format(table=sql.Identifier(table)).as_string(cur), io.BytesIO(row))
             cur.execute("INSERT INTO ingest_segments (segment_id) VALUES (%s)", (check_id,))

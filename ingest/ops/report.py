@@ -21,7 +21,7 @@ from ingest.ops.datadir import database_to_read, holding
 from ingest.run.children import load_ready
 from ingest.run.progress import lag_figures
 from ingest.sink import db
-from ingest.sink.loader import COPY_STAGING, STAGING_DDL, find_first_bad_line, split_lines
+from ingest.sink.loader import first_refused_line, split_lines
 from ingest.sink.segments import SegmentStore
 from ingest.source import checkpoint
 from ingest.tsv import COLUMNS
@@ -149,26 +149,14 @@ def judged_by_postgresql(dsn: str, paths: list[Path]) -> tuple[bytes, int]:
     refused: set[bytes] = set()
     conn = db.connect(dsn)
     try:
-        while lines and copy_refuses(conn, lines):
-            position, _ = find_first_bad_line(conn, lines)
+        while lines and (found := first_refused_line(conn, lines)) is not None:
+            position, _ = found
             taken += lines[:position]
             refused.add(lines[position][: lines[position].index(b"\t")])
             lines = lines[position + 1:]
     finally:
         conn.close()
     return b"".join(line[: line.index(b"\t")] + b"\n" for line in taken + lines), len(refused)
-
-
-def copy_refuses(conn: Any, lines: list[bytes]) -> bool:
-    try:
-        with conn.cursor() as cur:
-            cur.execute(STAGING_DDL)
-            cur.copy_expert(COPY_STAGING, io.BytesIO(b"".join(lines)))
-    except psycopg2.DataError:
-        return True
-    finally:
-        conn.rollback()
-    return False
 
 
 def compare(dsn: str, table: str, crawl: Crawl, sample: int) -> dict[str, Any]:

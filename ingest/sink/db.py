@@ -206,11 +206,17 @@ CREATE INDEX IF NOT EXISTS ingest_rejects_key ON ingest_rejects ({reject_key});
 """
 
 
+def schema_statement(table: str) -> sql.Composed:
+    """The schema for `table`, as one statement that does not commit (`check` runs it in a
+    transaction it rolls back)."""
+    return sql.SQL(SCHEMA).format(events=sql.Identifier(table), reject_key=sql.SQL(reject_key("raw")))
+
+
 def ensure_schema(conn: psycopg2.extensions.connection, table: str) -> None:
     with conn.cursor() as cur:
         # Serialise concurrent CREATE IF NOT EXISTS (two processes can otherwise race).
         cur.execute("SELECT pg_advisory_xact_lock(7243001)")
-        cur.execute(sql.SQL(SCHEMA).format(events=sql.Identifier(table), reject_key=sql.SQL(reject_key("raw"))))
+        cur.execute(schema_statement(table))
     conn.commit()
 
 

@@ -272,8 +272,8 @@ def _probe(cur: psycopg2.extensions.cursor, lines: list[bytes]) -> psycopg2.Data
     return None
 
 
-def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]) -> tuple[int, str]:
-    """Bisect for the first line COPY refuses, for errors that carry no line number.
+def first_refused_line(conn: psycopg2.extensions.connection, lines: list[bytes]) -> tuple[int, str] | None:
+    """The first line COPY refuses and why, by bisection (None: every line loads).
 
     Invariant: the first `good` lines load and the first `bad` lines do not. Each probe is
     a COPY into a scratch table inside a savepoint; everything is rolled back at the end.
@@ -284,7 +284,7 @@ def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]
         error = _probe(cur, lines)
         if error is None:
             conn.rollback()
-            raise RuntimeError("COPY failed without a line number, but every line loads")
+            return None
         reason = copy_reason(error)
         while bad - good > 1:
             mid = (good + bad) // 2
@@ -295,3 +295,11 @@ def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]
                 bad, reason = mid, copy_reason(error)
     conn.rollback()
     return bad - 1, reason
+
+
+def find_first_bad_line(conn: psycopg2.extensions.connection, lines: list[bytes]) -> tuple[int, str]:
+    """`first_refused_line`, for an error COPY reported without a line number."""
+    found = first_refused_line(conn, lines)
+    if found is None:
+        raise RuntimeError("COPY failed without a line number, but every line loads")
+    return found
