@@ -29,6 +29,7 @@ from ingest.source import checkpoint
 from ingest.source.api import ApiClient, ApiError, make_limiters
 from ingest.source.checkpoint import PartitionState
 from ingest.source.fetcher import FetchContext, help_others, walk
+from ingest.source.normalise import deep_stack_thread
 from ingest.source.probe import make_plan
 from ingest.tsv import EVENT_LINE_END
 
@@ -151,7 +152,7 @@ def crawl_source(config: Config, folder: Path) -> Crawl:
             if not finished:
                 stop.set()  # the crawl cannot be complete: the other walkers stop too
 
-    threads = [threading.Thread(target=walker, args=(part,), name=f"verify-walk-{part.index}", daemon=True)
+    threads = [deep_stack_thread(walker, part, name=f"verify-walk-{part.index}")
                for part in plan.partitions if not part.done]
     logger.info("verify: crawling {} partitions ({} events reported)", len(threads), plan.total)
     for thread in threads:

@@ -60,6 +60,21 @@ DEEP_STACK_BYTES = 512 << 20
 DEEP_RECURSION_LIMIT = 60_000
 MAX_NESTING = 10_000  # deeper events are rejected (PostgreSQL's default stack holds ~10-40k)
 _DEEP_LOCK = threading.Lock()
+_STACK_LOCK = threading.Lock()
+
+
+def deep_stack_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
+    """An unstarted daemon thread with a stack for `DEEP_RECURSION_LIMIT` levels. The
+    recursion limit is process-wide: while `deep_call` has it raised, any other thread that
+    normalises (verify's walkers) may recurse that deep too, and on a default stack it would
+    crash the process instead of raising RecursionError."""
+    with _STACK_LOCK:
+        old_stack = threading.stack_size()
+        threading.stack_size(DEEP_STACK_BYTES)
+        try:
+            return threading.Thread(target=target, args=args, name=name, daemon=True)
+        finally:
+            threading.stack_size(old_stack)
 
 
 def deep_call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -73,15 +88,11 @@ def deep_call(fn: Callable[..., Any], *args: Any) -> Any:
             result["error"] = exc
 
     with _DEEP_LOCK:
-        old_limit, old_stack = sys.getrecursionlimit(), threading.stack_size()
+        old_limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(old_limit, DEEP_RECURSION_LIMIT))
         try:
-            threading.stack_size(DEEP_STACK_BYTES)
-            try:
-                thread = threading.Thread(target=target, name="deep-json", daemon=True)
-                thread.start()
-            finally:
-                threading.stack_size(old_stack)
+            thread = deep_stack_thread(target, name="deep-json")
+            thread.start()
             thread.join()
         finally:
             sys.setrecursionlimit(old_limit)
