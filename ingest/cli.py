@@ -332,7 +332,7 @@ def load(**cli_values: Any) -> None:
     configure_logging(config.log_format, config.log_level, config.secrets(), process="load")
     from ingest.ops.datadir import Busy
     from ingest.ops.report import run_load
-    from ingest.run.children import LoadFailed
+    from ingest.run.loading import LoadFailed
     from ingest.sink.db import DatabaseError
 
     try:

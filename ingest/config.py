@@ -32,6 +32,7 @@ SOURCES = ("auto", "feed", "events")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 GZIP_MODES = ("auto", "on", "off")
+PACING_MODES = ("on", "off")
 AUTO = "auto"
 # The sections of `run --help` (and the order of the README's table), with their titles.
 GROUPS = {
@@ -99,7 +100,11 @@ class Config:
         metadata={"group": "source", "metavar": "N", "help": "parallel fetch partitions (0: chosen from the source)"},
     )
     page_limit: int = field(
-        default=5000, metadata={"group": "source", "metavar": "N", "help": "events per page (max 5000)"}
+        default=20_000,
+        metadata={"group": "source", "metavar": "N",
+                  "help": "the most events a request asks for: the plan's probe asks once, and the walk uses the"
+                  " largest page the server honours up to this, kept within memory (less with more walkers) and"
+                  " well inside --request-timeout"},
     )
     gzip: str = field(
         default="auto",
@@ -119,9 +124,9 @@ class Config:
         metadata={"group": "pacing", "metavar": "N",
                   "help": "feed requests per window, shared by all fetchers (no headers)"},
     )
-    events_rate: float = field(
-        default=10.0,
-        metadata={"group": "pacing", "metavar": "N",
+    events_rate: float | None = field(
+        default=None,
+        metadata={"group": "pacing", "metavar": "N", "auto": "the X-RateLimit-Limit the API reports (10 until then)",
                   "help": "/events requests per window; X-RateLimit headers refine it"},
     )
     query_rate: float = field(
@@ -130,9 +135,18 @@ class Config:
                   "help": "/events requests per window with the key in the query string, a separate extra budget"
                   " (0: do not use it)"},
     )
-    rate_window: float = field(
-        default=60.0,
-        metadata={"group": "pacing", "metavar": "SECONDS", "help": "seconds the API's rate limits count over"},
+    rate_window: float | None = field(
+        default=None,
+        metadata={"group": "pacing", "metavar": "SECONDS",
+                  "auto": "60 s x the time unit the API reports (in its token and cursor lifetimes and its"
+                  " rate-limit resets)",
+                  "help": "seconds the API's rate limits count over"},
+    )
+    pacing: str = field(
+        default="on",
+        metadata={"group": "pacing", "choices": PACING_MODES,
+                  "help": "on: stay inside the API's budgets; off: no pacing at all, for a source without rate limits"
+                  " (a 429 is still waited out and retried)"},
     )
     # --- segments: the files between fetchers and loaders
     segment_max_rows: int = field(
@@ -437,14 +451,15 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "api_key_file": _parse_optional_path,
     "source": _parse_choice(SOURCES),
     "partitions": _parse_int(0, 64),
-    "page_limit": _parse_int(1, 5000),
+    "page_limit": _parse_int(1),
     "gzip": _parse_gzip,
     "request_timeout": _parse_float(0.1),
     "max_attempts": _parse_int(1),
     "feed_rate": _parse_float(0.1),
-    "events_rate": _parse_float(0.1),
+    "events_rate": _or_auto(lambda: None, _parse_float(0.1)),
     "query_rate": _parse_float(0.0),
-    "rate_window": _parse_float(0.01),
+    "rate_window": _or_auto(lambda: None, _parse_float(0.01)),
+    "pacing": _parse_choice(PACING_MODES),
     "segment_max_rows": _parse_int(1),
     "segment_max_bytes": _parse_int(1024),
     "segment_max_age": _parse_float(0.01),

@@ -7,6 +7,7 @@ child, readable by the supervisor without messages.
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 COUNTER_NAMES = (
@@ -36,11 +37,13 @@ CLIENT_COUNTERS = ("requests", "retries", "http_429", "http_5xx", "truncated", "
 class SharedCounters:
     """One row of counters per process, summed on read.
 
-    A child writes only its own row, so no lock is needed: a lock held by a process that is
-    SIGKILLed mid-update is never released and would freeze every other process of the run.
-    The parent hands each child its row with `for_child()` when starting it; the parent
-    itself writes row 0. Rows are reused round-robin after `ROWS - 1` starts (the old
-    writer is long dead by then, and its totals stay counted).
+    A child writes only its own row, so no lock between processes is needed: a lock held
+    by a process that is SIGKILLed mid-update is never released and would freeze every other
+    process of the run. The threads of one process (a fetcher's walkers) share its row, so a
+    thread lock, which dies with its process, makes their read-add-store whole. The parent
+    hands each child its row with `for_child()` when starting it; the parent itself writes
+    row 0. Rows are reused round-robin after `ROWS - 1` starts (the old writer is long dead
+    by then, and its totals stay counted).
     """
 
     ROWS = 256
@@ -49,6 +52,14 @@ class SharedCounters:
         self._array = ctx.RawArray("q", self.ROWS * len(COUNTER_NAMES))
         self._starts = ctx.RawValue("q", 0)  # written by the parent only
         self._row = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def for_child(self) -> SharedCounters:
         """The same counters, writing to a row of their own (call in the parent)."""
@@ -59,12 +70,14 @@ class SharedCounters:
 
     def add(self, name: str, amount: int = 1) -> None:
         if amount:
-            self._array[self._row * len(COUNTER_NAMES) + _INDEX[name]] += amount
+            with self._lock:
+                self._array[self._row * len(COUNTER_NAMES) + _INDEX[name]] += amount
 
     def add_many(self, amounts: dict[str, int]) -> None:
         base = self._row * len(COUNTER_NAMES)
-        for name, amount in amounts.items():
-            self._array[base + _INDEX[name]] += amount
+        with self._lock:
+            for name, amount in amounts.items():
+                self._array[base + _INDEX[name]] += amount
 
     def snapshot(self) -> dict[str, int]:
         width = len(COUNTER_NAMES)

@@ -8,6 +8,7 @@ rename per transition) are built on these two functions and nothing else.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -23,7 +24,7 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """temp file + fsync + rename + directory fsync. On failure (a full disk) the old file
     stays as it was and no half-written temp file is left behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -25,7 +25,10 @@ PROGRAM = [str(REPO / "bin" / "datasync-ingest")]
 
 
 def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
-    """Environment for one `datasync-ingest` run against `sim`, loading into `dsn`."""
+    """Environment for one `datasync-ingest` run against `sim`, loading into `dsn`. A
+    simulator without rate limits is a source without limits, and gets the user's flag for
+    one (`--pacing off`); one with limits gets no pacing flag at all: the run learns its
+    window from the API, at whatever time scale."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INGEST_", "DATASYNC_", "DATABASE_URL_FILE"))}
     env.update(
         DATASYNC_API_URL=sim.base_url,
@@ -35,9 +38,9 @@ def ingest_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, st
         INGEST_LOG_FORMAT="json",
         INGEST_WORKERS="2",
         INGEST_STATS_INTERVAL="1",
-        # Unthrottled simulators: pace per 10 ms; tests with rate limits pass the scaled window.
-        INGEST_RATE_WINDOW="0.01",
     )
+    if not getattr(getattr(sim, "config", None), "rate_limits", True):
+        env["INGEST_PACING"] = "off"
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -29,7 +29,7 @@ from ingest.source.api import (
     classify,
 )
 from ingest.source.cursors import CURSOR_TTL_MS, FORGE_ID, decode_cursor, encode_cursor
-from ingest.source.pacing import SharedRateLimiter
+from ingest.source.pacing import SharedRateLimiter, full_rate
 
 HOST = "http://api.test"
 EVENTS = HOST + "/api/v1/events"
@@ -190,7 +190,7 @@ def test_events_page_request_and_parse(client: ApiClient, mocked: responses.Requ
     mocked.get(EVENTS, json=page_body(3))
     cursor = encode_cursor(EVENT_ID, 1769541553629, int(START * 1000) + 100_000)
     page = client.fetch_page("events", cursor, since=1, until=2, limit=50)
-    assert (len(page.events), page.has_more, page.total, page.status) == (3, True, 3_000_000, 200)
+    assert (len(page.events), page.has_more, page.total, page.status, page.limit) == (3, True, 3_000_000, 200, 3)
     assert page.next_cursor and decode_cursor(page.next_cursor)["id"] == EVENT_ID
     request = mocked.calls[0].request
     assert request.headers["X-API-Key"] == KEY
@@ -318,7 +318,7 @@ def test_429_penalises_the_shared_limiter(config: Config, clock: FakeTime, mocke
     mocked.get(EVENTS, json=page_body(2))
     client.fetch_page("events", None)
     assert sum(clock.waits) == pytest.approx(7.0)  # waited inside acquire, on the fake clock
-    assert limiter.snapshot().rate < limiter.params.rate
+    assert limiter.snapshot().rate < full_rate(limiter.snapshot())
 
 
 def test_silent_feed_429_waits_10_then_20_seconds(
@@ -526,6 +526,106 @@ def test_a_stale_low_cursor_lifetime_does_not_shrink_waits(
     for _ in range(3):
         client.fetch_page("events", None)
     assert 0.75 <= clock.waits[0] <= 1.2
+
+
+# -- the rate window and the budget, learnt ------------------------------------------------
+
+
+def learning_limiters(clock: FakeTime, lanes: tuple[str, ...] = ("feed", "events")) -> dict[Any, SharedRateLimiter]:
+    """Limiters as `make_limiters` makes them when the user sets neither window nor count."""
+    return {lane: SharedRateLimiter(10, 60, clock=clock, learns_window=True, learns_count=lane == "events")
+            for lane in lanes}
+
+
+def test_the_token_lifetime_sets_every_limiters_window(
+    config: Config, clock: FakeTime, mocked: responses.RequestsMock
+) -> None:
+    limiters = learning_limiters(clock)
+    client = make_client(config, clock, limiters=limiters)
+    mocked.post(STREAM_ACCESS, json=grant(expires_in=75.0))  # time scale 4: exact
+    mocked.get(FEED, json=page_body(2, cursor_exp_in=28.9))  # counted from the request's arrival: reads low
+    client.fetch_page("feed", None)
+    assert [limiter.snapshot().window for limiter in limiters.values()] == [15.0, 15.0]
+    assert client.rate_window == 15.0 and client.time_unit == 0.25
+
+
+def test_events_headers_set_the_window_and_the_budget(
+    config: Config, clock: FakeTime, mocked: responses.RequestsMock
+) -> None:
+    """No token on /events: the cursor's lifetime reads low (14.45 s), the first answer of a
+    fixed window reads the window itself, a later one less; X-RateLimit-Limit is the count."""
+    limiters = learning_limiters(clock)
+    client = make_client(config, clock, limiters=limiters)
+    for remaining, reset in (("11", "15"), ("10", "13.2")):
+        headers = {"X-RateLimit-Limit": "12", "X-RateLimit-Remaining": remaining, "X-RateLimit-Reset": reset}
+        mocked.get(EVENTS, json=page_body(2, cursor_exp_in=28.9), headers=headers)
+    client.fetch_page("events", None)
+    client.fetch_page("events", None)
+    events, feed = limiters["events"].snapshot(), limiters["feed"].snapshot()
+    assert (events.window, events.per_window) == (15.0, 12.0)
+    assert (feed.window, feed.per_window) == (15.0, 10.0), "the feed's count is the user's (no headers there)"
+
+
+@pytest.mark.parametrize(
+    ("limit", "remaining", "reset", "window"),
+    [
+        (10, 9, 15.0, 15.0),  # the first answer of a fixed window reads the window
+        (10, 9, 60.0, 60.0),  # the real service
+        (10, 8, 13.5, None),  # later in the window: only what is left of it
+        (10, 0, 1e4, None),  # a 429's block, whatever it says
+        (None, 9, 15.0, None),
+        (10, None, 15.0, None),
+        (10, 9, None, None),
+    ],
+)
+def test_the_window_an_answer_shows(limit: int | None, remaining: int | None, reset: float | None,
+                                    window: float | None) -> None:
+    assert api.window_shown(limit, remaining, reset) == window
+
+
+def test_the_users_window_and_count_stand(clock: FakeTime, mocked: responses.RequestsMock) -> None:
+    config = Config(api_url=HOST + "/api/v1", api_key=KEY, rate_window=30.0, events_rate=8.0)
+    limiters = api.make_limiters(config, None)
+    client = make_client(config, clock, limiters=limiters)
+    mocked.post(STREAM_ACCESS, json=grant(expires_in=75.0))
+    mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Limit": "12", "X-RateLimit-Reset": "15"})
+    client.fetch_page("events", None)
+    assert {lane: (s.window, s.per_window) for lane, s in ((k, v.snapshot()) for k, v in limiters.items())} == {
+        "feed": (30.0, 39.0), "events": (30.0, 8.0), "events_query": (30.0, 5.0)}
+    assert client.rate_window == 30.0
+
+
+def test_pacing_off_means_no_limiters() -> None:
+    assert api.make_limiters(Config(pacing="off"), None) == {}
+    assert set(api.make_limiters(Config(), None)) == {"feed", "events", "events_query"}
+
+
+def test_a_window_another_process_learnt_scales_this_clients_waits(
+    config: Config, clock: FakeTime, mocked: responses.RequestsMock
+) -> None:
+    limiters = learning_limiters(clock)
+    limiters["events"].learn(window_s=15.0)  # the supervisor's probe, say
+    client = make_client(config, clock, limiters=limiters)
+    assert client.time_unit == 0.25
+    mocked.get(EVENTS, body=b"", status=200)  # a damaged page before any answer of this client's
+    mocked.get(EVENTS, json=page_body(2, cursor_exp_in=29.0))
+    client.fetch_page("events", None)
+    backoff, paced = clock.waits
+    assert backoff <= 0.25 * 1.2, "the transient backoff, in the learnt time unit (1 s x 0.25)"
+    assert backoff + paced == pytest.approx(1.5), "the pace: 10 requests per learnt 15 s window"
+
+
+def test_a_servers_wait_is_capped_at_the_learnt_window(
+    config: Config, clock: FakeTime, mocked: responses.RequestsMock
+) -> None:
+    client = make_client(config, clock, limiters=learning_limiters(clock))
+    mocked.post(STREAM_ACCESS, json=grant(expires_in=75.0))
+    mocked.get(FEED, json=page_body(2, cursor_exp_in=29.0))
+    mocked.get(FEED, json=error_body(429, "RATE_LIMIT_EXCEEDED"), status=429, headers={"Retry-After": "3600"})
+    mocked.get(FEED, json=page_body(2, cursor_exp_in=29.0))
+    client.fetch_page("feed", None)
+    client.fetch_page("feed", None)
+    assert 16.5 <= sum(clock.waits) <= 16.5 + 1.5 * 2, "1.1 windows of 15 s, and the pace itself"
 
 
 # -- cursors --------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def test_precedence_cli_over_env_over_dotenv() -> None:
         ({"api_url": "http://h/api"}, "--api-url: must end in /api/v1"),
         ({"api_url": "ftp://h/api/v1"}, "--api-url: must be an http(s) URL"),
         ({"table": "events; drop table x"}, "--table: must be a plain identifier"),
-        ({"page_limit": "6000"}, "--page-limit: must be at least 1 and at most 5000"),
+        ({"page_limit": "0"}, "--page-limit: must be at least 1"),
+        ({"pacing": "sometimes"}, "--pacing: must be one of on, off"),
+        ({"rate_window": "0"}, "--rate-window: must be at least 0.01"),
         ({"log_format": "xml"}, "--log-format: must be one of json, text"),
         ({"keep_segments": "maybe"}, "--keep-segments: expected true or false"),
         ({"gzip": "sometimes"}, "--gzip: must be one of auto, on, off"),
@@ -76,6 +78,24 @@ def test_required_values(missing: str) -> None:
 )
 def test_gzip_takes_a_mode_or_the_yes_no_of_the_old_flag(text: str, mode: str) -> None:
     assert build_config({"gzip": text}, BASE, {}).gzip == mode
+
+
+@pytest.mark.parametrize(
+    ("values", "window", "events_rate", "pacing", "page_limit"),
+    [
+        ({}, None, None, "on", 20_000),  # nothing given: learnt from the API, a ceiling well above its documented cap
+        ({"INGEST_RATE_WINDOW": "15"}, 15.0, None, "on", 20_000),
+        ({"INGEST_RATE_WINDOW": "auto", "INGEST_EVENTS_RATE": "auto"}, None, None, "on", 20_000),  # undoes a .env value
+        ({"INGEST_EVENTS_RATE": "8", "INGEST_PACING": "OFF"}, None, 8.0, "off", 20_000),
+        ({"INGEST_PAGE_LIMIT": "50000"}, None, None, "on", 50_000),  # a ceiling: no cap of ours
+    ],
+)
+def test_pacing_and_page_settings(values: dict[str, str], window: float | None, events_rate: float | None,
+                                  pacing: str, page_limit: int) -> None:
+    config = build_config({}, {**BASE, **values}, {"INGEST_RATE_WINDOW": "30", "INGEST_EVENTS_RATE": "9"}
+                          if "auto" in values.values() else {})
+    assert (config.rate_window, config.events_rate, config.pacing, config.page_limit) == (
+        window, events_rate, pacing, page_limit)
 
 
 def test_defaults() -> None:

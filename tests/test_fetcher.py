@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from ingest.config import Config
-from ingest.run.children import fetch_context, load_ready
+from ingest.run.fetching import fetch_context
+from ingest.run.loading import load_ready
 from ingest.simulator import SimulatorConfig, start_simulator
 from ingest.sink import db
 from ingest.sink.segments import SegmentStore
@@ -42,7 +43,7 @@ def sim() -> Iterator[Any]:
 def setup(sim: Any, data_dir: Path, parts: list[PartitionState]) -> tuple[Config, FetchContext]:
     config = Config(
         api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, page_limit=1000, segment_max_rows=2500,
-        rate_window=0.01, log_format="text",
+        pacing="off", log_format="text",
     )
     plan = Checkpoint(
         generation="0badcafe", mode="feed", total=12_000, newest_ms=NEWEST, oldest_ms=OLDEST, partitions=parts

@@ -36,7 +36,7 @@ def slow_simulator() -> Iterator[Any]:
 
 
 def paced_env(sim: Any, dsn: str, data_dir: Path, **extra: Any) -> dict[str, str]:
-    return ingest_env(sim, dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_RATE_WINDOW=1.0, **extra)
+    return ingest_env(sim, dsn, data_dir, INGEST_PAGE_LIMIT=1000, **extra)
 
 
 def free_port() -> int:

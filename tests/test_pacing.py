@@ -1,9 +1,10 @@
-"""Pacing logic on a fake clock, the shared shell, and two spawned processes on one budget."""
+"""Pacing logic on a fake clock, the shared shell, and spawned processes and threads on one budget."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import threading
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -16,11 +17,15 @@ from ingest.source.pacing import (
     PaceParams,
     PaceState,
     SharedRateLimiter,
+    floor_rate,
+    full_rate,
     initial_state,
+    learn,
     make_params,
     observe,
     penalise,
     recover,
+    recovery_rate,
     retry_after_seconds,
     try_acquire,
 )
@@ -96,24 +101,25 @@ def test_penalise_never_shortens_a_block_and_respects_the_floor() -> None:
     assert state.blocked_until == pytest.approx(30.0)
     for _ in range(50):
         state = penalise(state, params, 1.0, 0.0)
-    assert state.rate == pytest.approx(params.floor)
+    assert state.rate == pytest.approx(floor_rate(state)) == pytest.approx(0.25)
 
 
 def test_rate_recovers_additively_up_to_the_configured_rate() -> None:
     params = make_params(60, 60, burst=1)
     state = penalise(initial_state(params, 0.0), params, 0.0, 0.0)
     cut = state.rate
-    later = recover(state, params, 60.0)
-    assert later.rate == pytest.approx(cut + params.recovery * 60.0)
-    assert cut < later.rate < params.rate
-    assert recover(state, params, 10_000.0).rate == pytest.approx(params.rate)
+    later = recover(state, 60.0)
+    assert recovery_rate(state) == pytest.approx(0.1 / 60)  # a tenth of the full rate per window
+    assert later.rate == pytest.approx(cut + recovery_rate(state) * 60.0)
+    assert cut < later.rate < full_rate(state) == 1.0
+    assert recover(state, 10_000.0).rate == pytest.approx(1.0)
 
 
 def test_no_recovery_while_blocked() -> None:
     params = make_params(60, 60, burst=1)
     state = penalise(initial_state(params, 0.0), params, 0.0, 30.0)
-    assert recover(state, params, 30.0).rate == pytest.approx(state.rate)
-    assert recover(state, params, 40.0).rate == pytest.approx(state.rate + params.recovery * 10.0)
+    assert recover(state, 30.0).rate == pytest.approx(state.rate)
+    assert recover(state, 40.0).rate == pytest.approx(state.rate + recovery_rate(state) * 10.0)
 
 
 def test_observe_exhausted_blocks_until_reset() -> None:
@@ -145,6 +151,73 @@ def test_observe_without_headers_changes_nothing(remaining: int | None, reset: f
     params = make_params(60, 60, burst=1)
     state = initial_state(params, 0.0)
     assert observe(state, 0.0, remaining, reset) == state
+
+
+# -- learning the budget: the window and the count the API shows -------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("learns_window", "learns_count", "readings", "expected"),
+    [
+        # (window, count) readings in order -> (window, per_window, window_learnt)
+        (True, True, [], (60.0, 10.0, False)),
+        (True, True, [(15.0, None)], (15.0, 10.0, True)),  # the first reading replaces the configured window
+        (True, True, [(14.5, None), (15.0, None), (14.8, None)], (15.0, 10.0, True)),  # readings are lower bounds
+        (True, True, [(None, 12.0), (None, 8.0)], (60.0, 8.0, False)),  # X-RateLimit-Limit is exact: the latest wins
+        (True, True, [(15.0, 40.0)], (15.0, 40.0, True)),
+        (False, True, [(15.0, 12.0)], (60.0, 12.0, False)),  # the user's --rate-window stands
+        (True, False, [(15.0, 12.0)], (15.0, 10.0, True)),  # the user's count stands
+        (True, True, [(NAN, NAN), (0.0, 0.0), (-3.0, -3.0), (INF, INF), (None, 0.5)], (60.0, 10.0, False)),
+    ],
+)
+def test_learn_takes_what_the_user_left_unset(learns_window: bool, learns_count: bool,
+                                               readings: list[tuple[float | None, float | None]],
+                                               expected: tuple[float, float, bool]) -> None:
+    params = make_params(10, 60, learns_window=learns_window, learns_count=learns_count)
+    state = initial_state(params, 0.0)
+    for window, count in readings:
+        state = learn(state, params, 1.0, window, count)
+    assert (state.window, state.per_window, state.window_learnt) == expected
+    assert full_rate(state) == pytest.approx(expected[1] / expected[0])
+
+
+def test_learning_respaces_what_was_paced_at_the_configured_window() -> None:
+    """10 per 60 s paced the first request (the next due at 6 s); half a second later the
+    API shows a 15 s window (time scale 4): the 5.5 s still owed at the old pace are owed
+    at the new one, a quarter as long, and then a request every 1.5 s, not 6 s."""
+    params = make_params(10, 60, learns_window=True)
+    times, state = grant_times(initial_state(params, 0.0), params, 1)
+    state = learn(state, params, 0.5, window_s=15.0)
+    times, _ = grant_times(state, params, 4, start=0.5)
+    assert times == pytest.approx([0.5 + 5.5 / 4, 3.375, 4.875, 6.375])
+
+
+def test_learning_keeps_a_penalty_s_share_and_block() -> None:
+    params = make_params(10, 60, learns_window=True)
+    state = penalise(initial_state(params, 0.0), params, 0.0, 20.0)
+    assert state.rate == pytest.approx(10 / 60 * DECREASE)
+    state = learn(state, params, 1.0, window_s=15.0)
+    assert state.rate == pytest.approx(10 / 15 * DECREASE)  # still cut to 80 %, of the new full rate
+    assert state.blocked_until == pytest.approx(20.0)  # a server-dictated wait is not rescaled
+
+
+@pytest.mark.parametrize("window", [15.0, 6.0, 0.3])
+def test_never_more_than_burst_plus_rate_in_any_span_once_learnt(window: float) -> None:
+    params = make_params(10, 60, burst=2, learns_window=True)
+    state, now, times = initial_state(params, 0.0), 0.0, []
+    rng = random.Random(2)
+    learnt_at = 0.0
+    while now < 60 + 5 * window:
+        if not state.window_learnt and now >= 30.0:  # half a nominal window in, the API shows its own
+            state, learnt_at = learn(state, params, now, window_s=window), now
+        state, delay = try_acquire(state, params, now)
+        if delay == 0.0:
+            times.append(now)
+        now += rng.uniform(0, delay + 0.01 * window)
+    after = [t for t in times if t >= learnt_at]
+    assert max_in_window(after, window) <= 2 + 10 + 1  # burst + count, +1 for the request paced before
 
 
 NOW = 1_800_000_000.0
@@ -204,6 +277,30 @@ def test_shared_limiter_shell_waits_through_the_callback() -> None:
     assert clock.now == pytest.approx(67.0)
 
 
+def test_shared_limiter_learns_and_says_what_changed() -> None:
+    clock = FakeClock()
+    limiter = SharedRateLimiter(10, 60, burst=1, clock=clock, learns_window=True, learns_count=True)
+    assert limiter.acquire(clock.wait)
+    assert limiter.learnt_window() is None
+    before, after = limiter.learn(window_s=15.0)
+    assert (before.window, after.window, after.window_learnt) == (60.0, 15.0, True)
+    assert limiter.learnt_window() == 15.0
+    assert limiter.learn(window_s=14.0)[1] == after  # a shorter reading changes nothing
+    assert limiter.acquire(clock.wait)
+    assert clock.waits == pytest.approx([1.5])
+    limiter.learn(count=20.0)
+    assert limiter.snapshot().per_window == 20.0 and full_rate(limiter.snapshot()) == pytest.approx(20 / 15)
+
+
+def test_a_limiter_with_the_users_window_learns_none() -> None:
+    clock = FakeClock()
+    limiter = SharedRateLimiter(10, 60, clock=clock)
+    limiter.learn(window_s=15.0, count=40.0)
+    state = limiter.snapshot()
+    assert (state.window, state.per_window, state.window_learnt) == (60.0, 10.0, False)
+    assert limiter.learnt_window() is None
+
+
 def test_shared_limiter_acquire_returns_false_on_shutdown() -> None:
     clock = FakeClock()
     limiter = SharedRateLimiter(1, 60, burst=1, clock=clock)
@@ -256,3 +353,37 @@ def test_two_processes_share_one_budget() -> None:
         for start, _ in grants:
             inside = sum(1 for woke, done in grants if start <= woke and done <= start + span)
             assert inside <= BURST + RATE_PER_S * span + 1, (span, inside)
+
+
+def _learn_window(limiter: SharedRateLimiter, window_s: float) -> None:
+    """Child: what a fetcher does when an answer shows the window."""
+    limiter.learn(window_s=window_s)
+
+
+def test_a_window_one_process_learns_paces_every_process_and_thread() -> None:
+    """The parent paced a request at the nominal 60 s window (10 per window: the next one
+    6 s later). A spawned child learns a 0.6 s window: the parent's threads, sharing the
+    limiter, then go at 0.06 s intervals, not 6 s."""
+    ctx = mp.get_context("spawn")
+    limiter = SharedRateLimiter(10, 60, burst=1, ctx=ctx, learns_window=True)
+    assert limiter.acquire(lambda seconds: False)
+    child = ctx.Process(target=_learn_window, args=(limiter, 0.6))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    state = limiter.snapshot()
+    assert (state.window, state.window_learnt) == (0.6, True)
+    waited: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waited.append(seconds)
+        time.sleep(seconds)
+        return False
+
+    threads = [threading.Thread(target=lambda: [limiter.acquire(wait) for _ in range(3)]) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert max(waited) < 1.0, "paced at the learnt window: one wait at the nominal one would be about 6 s"
+    assert limiter.snapshot().tat > state.tat

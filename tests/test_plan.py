@@ -63,9 +63,10 @@ QUERY = "events_query"
     [
         (0, 5000, 4.1, 2, 0),  # the real API's pace: the lanes' default
         (0, 5000, 2.0, 8, 0),
-        (0, 5000, 0.05, 2, 2),  # a local source: as many as the cores
+        (0, 5000, 0.05, 2, 4),  # a local source: two walkers a core
         (0, 5000, 0.05, 1, 2),
-        (0, 5000, 0.05, 6, 6),
+        (0, 5000, 0.05, 6, 12),
+        (0, 5000, 0.05, 0, 2),  # the core count unknown
         (3, 5000, 0.05, 6, 3),  # asked for: as asked
         (0, 5000, None, 6, 0),  # not measured
     ],

@@ -31,7 +31,7 @@ def sim() -> Iterator[Any]:
 
 @pytest.mark.parametrize("source", ["auto", "events"])
 def test_the_plan_estimates_the_oldest_event_from_inside_the_data(sim: Any, data_dir: Path, source: str) -> None:
-    config = Config(api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, source=source, rate_window=0.01)
+    config = Config(api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, source=source, pacing="off")
     client = ApiClient(config)
     try:
         plan = make_plan(config, client)
@@ -49,7 +49,7 @@ def test_the_plan_estimates_the_oldest_event_from_inside_the_data(sim: Any, data
 def test_a_source_that_fits_in_one_probe_needs_no_second(data_dir: Path) -> None:
     small = start_simulator(SimulatorConfig(events=500, latency="none", rate_limits=False, chaos="none"))
     try:
-        config = Config(api_url=small.base_url, api_key=small.api_key, data_dir=data_dir, rate_window=0.01)
+        config = Config(api_url=small.base_url, api_key=small.api_key, data_dir=data_dir, pacing="off")
         client = ApiClient(config)
         plan = make_plan(config, client)
         assert pages_asked(client) == 1

@@ -133,7 +133,7 @@ def test_drop_table_drops_the_table_and_this_directory_s_ledger_rows_and_rejects
 def test_reset_while_a_run_holds_the_lock_removes_nothing(sim_factory: Any, pg_dsn: str, data_dir: Path) -> None:
     # Paced by the budgets to about ten seconds: reset comes well inside them.
     sim = sim_factory(events=60_000, latency="realistic", rate_limits=True, time_scale=10.0)
-    env = ingest_env(sim, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_RATE_WINDOW=6.0)
+    env = ingest_env(sim, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000)
     run = start_run(env, data_dir / "run.log")
     try:
         wait_for(lambda: (data_dir / "ingestion.state").exists() or run.process.poll() is not None,

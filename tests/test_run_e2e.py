@@ -104,9 +104,7 @@ def test_one_source_only(
 ) -> None:
     # At time scale 200 a token lives 1.5 s and a cursor 0.6 s: on the feed both expire
     # many times during the run; /events needs no token at all.
-    env = ingest_env(
-        simulator, pg_dsn, data_dir, INGEST_SOURCE=source, INGEST_PAGE_LIMIT=page, INGEST_RATE_WINDOW=60 / 200
-    )
+    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_SOURCE=source, INGEST_PAGE_LIMIT=page)
     code, log = run_to_end(env, data_dir / "run.log")
     assert code == 0, log[-3000:]
     assert_exact(pg_dsn, simulator.truth())
@@ -168,9 +166,7 @@ def test_wrong_api_key_exits_1_without_leaking_it(simulator: Any, pg_dsn: str, d
 
 @pytest.mark.sim(events=20_000, chaos="heavy", chaos_seed=3, rate_limits=True, latency="realistic", time_scale=200.0)
 def test_secrets_never_leave_the_process(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
-    env = ingest_env(
-        simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_RATE_WINDOW=60 / 200, INGEST_LOG_LEVEL="DEBUG"
-    )
+    env = ingest_env(simulator, pg_dsn, data_dir, INGEST_PAGE_LIMIT=1000, INGEST_LOG_LEVEL="DEBUG")
     code, log = run_to_end(env, data_dir / "run.log")
     assert code == 0, log[-3000:]
     tokens = simulator.issued_tokens()

@@ -45,7 +45,7 @@ def test_restart_policy(kind: Kind, code: int | None, restarts: int, fetch_done:
 
 
 def config_for(sim: Any, data_dir: Path, dsn: str, **fields: Any) -> Config:
-    return Config(api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, database_url=dsn, rate_window=0.01,
+    return Config(api_url=sim.base_url, api_key=sim.api_key, data_dir=data_dir, database_url=dsn, pacing="off",
                   log_format="text", workers=2, **fields)
 
 

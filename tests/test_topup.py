@@ -140,13 +140,13 @@ def test_target_of_a_config() -> None:
 # Older checkpoints
 
 
-def test_a_version_2_checkpoint_resumes_as_version_3(tmp_path: Path) -> None:
+def test_a_version_2_checkpoint_resumes_in_the_current_version(tmp_path: Path) -> None:
     path = tmp_path / "ingestion.state"
     v2 = {"generation": "g", "mode": "mixed", "total": 50, "newest_ms": 9, "oldest_ms": 0, "version": 2,
           "updated_at": 1.0, "partitions": [{"index": 0, "lane": "feed", "lower_ms": 0, "upper_ms": 10, "rows": 5}]}
     path.write_bytes(orjson.dumps(v2))
     loaded = checkpoint.read(path)
-    assert loaded is not None and loaded.version == 3
+    assert loaded is not None and loaded.version == checkpoint.FORMAT_VERSION
     assert (loaded.target, loaded.source_total, loaded.rows_earlier, loaded.loaded_newest_ms) == (None, 50, 0, None)
     assert loaded.rows == 5 and loaded.partitions[0].lane == "feed"
 

@@ -103,7 +103,7 @@ def test_verify_takes_no_longer_than_half_again_the_run(sim_factory: Any, pg_dsn
     pages and 4 s latency, which the scale keeps)."""
     scale = 10.0
     sim = sim_factory(events=150_000, latency="realistic", rate_limits=True, time_scale=scale)
-    env = ingest_env(sim, pg_dsn, data_dir, INGEST_RATE_WINDOW=60 / scale)
+    env = ingest_env(sim, pg_dsn, data_dir)
     started = time.monotonic()
     code, log = run_to_end(env, data_dir / "run.log")
     run_s = time.monotonic() - started
@@ -170,7 +170,7 @@ def test_a_key_that_expires_mid_crawl_stops_every_walk_in_one_line(sim_factory: 
     make_schema(pg_dsn)
     scale = 10.0
     sim = sim_factory(events=150_000, latency="realistic", rate_limits=True, time_scale=scale, key_validity=20.0)
-    result = verify(ingest_env(sim, pg_dsn, data_dir, INGEST_RATE_WINDOW=60 / scale))
+    result = verify(ingest_env(sim, pg_dsn, data_dir))
     assert result.returncode == 3, result.stdout
     [line] = problem_lines(result)
     assert line.startswith("datasync-ingest: verify: could not check: partition ") and "401" in line

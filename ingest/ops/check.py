@@ -113,9 +113,9 @@ def budget_lane(lane: Lane, rates: Mapping[Lane, float]) -> Lane:
     return lane if rates.get(lane, 0) > 0 else "events"
 
 
-def lane_pages(plan: Checkpoint, page_limit: int, rates: Mapping[Lane, float]) -> dict[Lane, float]:
+def lane_pages(plan: Checkpoint, page_size: int, rates: Mapping[Lane, float]) -> dict[Lane, float]:
     """Requests each lane has left: its unfinished windows' share of the events the plan
-    expects (spread evenly over the plan's range), a page per `page_limit` events, and the
+    expects (spread evenly over the plan's range), a page per `page_size` events, and the
     partial page that ends each window."""
     per_event = planned_ms_per_event(plan.total, plan.newest_ms, plan.oldest_ms)
     undone = [p for p in plan.partitions if not p.done]
@@ -127,7 +127,7 @@ def lane_pages(plan: Checkpoint, page_limit: int, rates: Mapping[Lane, float]) -
         else:
             events = (plan.total or 0) / len(undone)
         lane = budget_lane(part.lane, rates)
-        pages[lane] = pages.get(lane, 0.0) + events / page_limit + 1
+        pages[lane] = pages.get(lane, 0.0) + events / page_size + 1
     return pages
 
 
@@ -211,20 +211,30 @@ def time_text(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def plan_lines(plan: Checkpoint, config: Config, reported: int | None) -> list[str]:
-    """The plan for people: lanes, partitions, events, and the time at the budgets."""
+def plan_lines(plan: Checkpoint, config: Config, reported: int | None, window_s: float) -> list[str]:
+    """The plan for people: lanes, partitions, events, pages, and the time at the budgets
+    (per `window_s`: the user's `--rate-window`, else the window the API's answers showed,
+    else the real service's 60 s). With `--pacing off` the run goes as fast as the source
+    answers, which the budgets do not tell."""
     rates = lane_rates(config)
     undone = [p for p in plan.partitions if not p.done]
     if not undone:
         return ["nothing to fetch: the source has no events the state does not already cover"]
     lanes = Counter(budget_lane(p.lane, rates) for p in undone)
-    pages = lane_pages(plan, config.page_limit, rates)
-    cost = "; ".join(f"{lane} {pages[lane]:.0f} pages at {rates[lane]:g}/{config.rate_window:g}s" for lane in pages)
+    page_size = plan.walk_page_size(config.page_limit)
+    pages = lane_pages(plan, page_size, rates)
+    if config.pacing == "off":
+        cost = "; ".join(f"{lane} {pages[lane]:.0f} pages" for lane in pages)
+        timing = f"pacing off: as fast as the source answers ({cost} of {page_size} events)"
+    else:
+        cost = "; ".join(f"{lane} {pages[lane]:.0f} pages at {rates[lane]:g}/{window_s:.3g}s" for lane in pages)
+        timing = (f"about {duration_text(expected_seconds(pages, rates, window_s))} at the API's budgets"
+                  f" ({cost}; {page_size} events a page)")
     lines = [
         f"{counted(len(undone), 'partition')} on {counted(len(lanes), 'lane')}"
         f" ({', '.join(f'{k} {v}' for k, v in lanes.items())});"
         f" {reported if reported is not None else 'unknown'} events reported",
-        f"about {duration_text(expected_seconds(pages, rates, config.rate_window))} at the API's budgets ({cost})",
+        timing,
     ]
     oldest = plan.oldest_ms or 0
     for part in undone:
@@ -358,7 +368,8 @@ def run_check(config: Config) -> Report:
             report.findings.extend(lanes)
             if not any(f.problem for f in lanes) and not found.problem:
                 try:
-                    report.plan = plan_lines(planned(client, probing, state, open_lanes), config, reported)
+                    plan = planned(client, probing, state, open_lanes)
+                    report.plan = plan_lines(plan, config, reported, client.rate_window)
                 except ApiError as exc:
                     report.findings.append(Finding("plan", f"cannot be made: {exc}", problem=True))
     finally:

@@ -28,7 +28,7 @@ from ingest.config import Config
 from ingest.source import checkpoint
 from ingest.source.api import ApiClient, ApiError, make_limiters
 from ingest.source.checkpoint import PartitionState
-from ingest.source.fetcher import FetchContext, help_others, walk
+from ingest.source.fetcher import FetchContext, walk_and_help
 from ingest.source.normalise import deep_stack_thread
 from ingest.source.probe import make_plan
 from ingest.tsv import EVENT_LINE_END
@@ -141,9 +141,7 @@ def crawl_source(config: Config, folder: Path) -> Crawl:
                            stop.is_set, stop.wait, tally.page)
         finished = False
         try:
-            drained, lane = walk(ctx, part)
-            if drained:
-                help_others(ctx, lane)
+            walk_and_help(ctx, part)
             finished = True
         except (ApiError, OSError) as exc:
             failures.append(f"partition {part.index}: {exc}")

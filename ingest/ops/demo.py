@@ -39,7 +39,7 @@ def main(events: int, workers: int, chaos: str, data_dir: Path) -> None:
                 "data_dir": str(data_dir),
                 "workers": str(workers),
                 "database_url": "",  # always the embedded server, whatever DATABASE_URL says
-                "rate_window": "0.01",  # the simulator is unthrottled: do not pace
+                "pacing": "off",  # the simulator is unthrottled: a source without limits
                 "log_level": "WARNING",
             }
         )

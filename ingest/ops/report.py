@@ -18,7 +18,7 @@ from psycopg2 import sql
 from ingest.config import Config
 from ingest.ops.crawl import DOUBTFUL, IDS, REJECTS, Crawl, CrawlFailed, crawl_source
 from ingest.ops.datadir import database_to_read, holding
-from ingest.run.children import load_ready
+from ingest.run.loading import load_ready
 from ingest.run.progress import lag_figures
 from ingest.sink import db
 from ingest.sink.loader import first_refused_line, split_lines

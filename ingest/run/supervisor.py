@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import multiprocessing as mp
+import os
 import queue
 import signal
 import time
@@ -22,7 +23,7 @@ from loguru import logger
 from ingest import locks
 from ingest.config import Config
 from ingest.counters import SharedCounters
-from ingest.run import children
+from ingest.run import children, fetching, loading
 from ingest.run.children import Kind
 from ingest.run.exits import EXIT_BY_SIGNAL, ChildExit, ExitCode
 from ingest.run.metrics import MetricsServer, start_metrics_server
@@ -94,9 +95,10 @@ def guard_target(config: Config) -> None:
 @dataclass
 class Child:
     kind: Kind
-    key: int  # partition index or loader slot
+    key: int  # fetcher or loader slot
     process: Any
     restarts: int = 0
+    walks: tuple[int, ...] = ()  # a fetcher's partitions, a walker thread each
 
 
 @dataclass
@@ -126,16 +128,16 @@ class Supervisor:
         self.summary: dict[str, Any] = {}
 
     # -- children -------------------------------------------------------------------
-    def _start(self, kind: Kind, key: int, restarts: int = 0) -> Child:
+    def _start(self, kind: Kind, key: int, restarts: int = 0, walks: tuple[int, ...] = ()) -> Child:
         common = (self.ctx, kind, key)
         if kind == "fetcher":
             assert self.plan is not None, "fetchers start after the plan is made"
-            process = children.start(*common, children.fetcher, self.config, self.stop_fetch, self.counters,
-                                     self.errors, key, self.plan.generation, self.limiters)
+            process = children.start(*common, fetching.fetcher, self.config, self.stop_fetch, self.counters,
+                                     self.errors, walks, self.plan.generation, self.limiters)
         else:
-            process = children.start(*common, children.loader, self.config, self.stop_loaders, self.counters,
+            process = children.start(*common, loading.loader, self.config, self.stop_loaders, self.counters,
                                      self.errors, self.dsn, self.fetch_done)
-        child = Child(kind, key, process, restarts)
+        child = Child(kind, key, process, restarts, walks)
         self.children.append(child)
         return child
 
@@ -166,7 +168,7 @@ class Supervisor:
             elif action is Restart.RESTART:
                 logger.warning("{} {} exited with {}; restarting", child.kind, child.key, code)
                 self.counters.add("restarts")
-                self._start(child.kind, child.key, child.restarts + 1)
+                self._start(child.kind, child.key, child.restarts + 1, child.walks)
 
     def _drain_errors(self) -> None:
         """Log what children reported before exiting; keep the latest for the final message."""
@@ -195,8 +197,7 @@ class Supervisor:
         if undone and not stopping and self.cover_rounds < self.config.max_restarts:
             self.cover_rounds += 1
             logger.warning("partitions {} have no fetcher; starting them again", undone)
-            for index in undone:
-                self._start("fetcher", index)
+            self._start_walks(undone)
             return
         if self.config.follow and not stopping:
             self._between_top_ups(state, undone)
@@ -205,9 +206,12 @@ class Supervisor:
 
     def _start_fetchers(self, plan: Checkpoint) -> None:
         self.cover_rounds = 0
-        for part in plan.partitions:
-            if not part.done:
-                self._start("fetcher", part.index)
+        self._start_walks([part.index for part in plan.partitions if not part.done])
+
+    def _start_walks(self, indices: list[int]) -> None:
+        processes = fetching.fetch_processes(len(indices), os.cpu_count() or 2)
+        for slot, walks in enumerate(fetching.assign_walkers(indices, processes)):
+            self._start("fetcher", slot, walks=walks)
 
     # -- top-ups ----------------------------------------------------------------------
     def _between_top_ups(self, state: Checkpoint | None, undone: list[int]) -> None:
@@ -337,11 +341,9 @@ class Supervisor:
         self._start_fetchers(plan)
         for slot in range(self.config.workers):
             self._start("loader", slot)
-        logger.info(
-            "running: {} fetchers, {} loaders",
-            sum(c.kind == "fetcher" for c in self.children),
-            self.config.workers,
-        )
+        fetchers = [c for c in self.children if c.kind == "fetcher"]
+        logger.info("running: {} walkers in {} fetcher process(es), {} loaders",
+                    sum(len(c.walks) for c in fetchers), len(fetchers), self.config.workers)
         drain_deadline: float | None = None
         try:
             while self.children:

@@ -21,7 +21,9 @@ server-provided text is scrubbed of the key and token before it is quoted.
 Time: durations from the server are decimal seconds and deadlines come from the cursor's
 `exp` and the token's `expiresIn`, so the client runs unchanged against a simulator whose
 clock runs S times faster. Waits the server does not dictate (backoff, the feed's silent 429)
-are scaled by `time_unit`, learnt from the token and cursor lifetimes the server reports.
+are scaled by `time_unit`, learnt from the token and cursor lifetimes and the rate-limit
+resets the server reports; unless the user gave `--rate-window`, the shared limiters pace by
+a window of 60 s x that unit, so what one process learns paces them all.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ingest.source.cursors import (
 )
 from ingest.source.lanes import LANES, Lane, lane_rates
 from ingest.source.normalise import decode_json
-from ingest.source.pacing import SharedRateLimiter, retry_after_seconds
+from ingest.source.pacing import NOMINAL_WINDOW_S, SharedRateLimiter, retry_after_seconds
 from ingest.source.retries import TOKEN_ATTEMPTS, Action, Facts, RetryBudget, Step
 from ingest.waits import backoff, wait_until
 
@@ -190,6 +192,7 @@ class Page:
     nbytes: int
     status: int
     seconds: float = 0.0  # the exchange that brought it, without pacing waits or retries
+    limit: int | None = None  # `pagination.limit`: the page size the server granted (after its cap)
 
 
 @dataclass
@@ -244,7 +247,9 @@ def parse_page(body: bytes, status: int) -> tuple[Page, float | None]:
         raise BadBody("nextCursor is not a string")
     meta = doc.get("meta")
     total = _number(meta.get("total")) if isinstance(meta, dict) else None
-    page = Page(doc["data"], next_cursor, has_more, int(total) if total is not None else None, len(body), status)
+    granted = _number(pagination.get("limit"))
+    page = Page(doc["data"], next_cursor, has_more, int(total) if total is not None else None, len(body), status,
+                limit=int(granted) if granted is not None and granted >= 1 else None)
     return page, _number(pagination.get("cursorExpiresIn"))
 
 
@@ -332,9 +337,18 @@ def make_session(gzip: bool = True) -> requests.Session:
 
 def make_limiters(config: Config, ctx: Any) -> dict[Lane, SharedRateLimiter]:
     """One shared pacer per lane with a budget, created in the parent process (children
-    receive them as `Process` arguments)."""
-    rates = lane_rates(config).items()
-    return {lane: SharedRateLimiter(rate, config.rate_window, ctx=ctx) for lane, rate in rates if rate > 0}
+    receive them as `Process` arguments); none with `--pacing off`, for a source without
+    limits. What the user left unset (`--rate-window`, `--events-rate`) the API's answers
+    set: until they do, the real service's 60 s window."""
+    if config.pacing == "off":
+        return {}
+    window = config.rate_window if config.rate_window is not None else NOMINAL_WINDOW_S
+    return {
+        lane: SharedRateLimiter(rate, window, ctx=ctx, learns_window=config.rate_window is None,
+                                learns_count=lane == "events" and config.events_rate is None)
+        for lane, rate in lane_rates(config).items()
+        if rate > 0
+    }
 
 
 class ApiClient:
@@ -372,6 +386,7 @@ class ApiClient:
         # if the server refuses it too, something other than expiry is wrong.
         self._token_on_probation = False
         self._unit: float | None = None
+        self._counts_shown: dict[Lane, int] = {}  # X-RateLimit-Limit per lane, as last handed to its limiter
         self.stats: dict[str, int] = dict.fromkeys(
             ("requests", "retries", "http_429", "http_5xx", "truncated", "token_refreshes", "cursor_refreshes", "bytes"),
             0,
@@ -394,20 +409,54 @@ class ApiClient:
     @property
     def time_unit(self) -> float:
         """Real seconds per nominal second: 1 on the real service, 1/S on a simulator
-        running S times faster (1 until a token or a cursor lifetime has been seen)."""
-        return self._unit if self._unit is not None else 1.0
+        running S times faster. The largest of this client's readings and the window the
+        shared limiters learnt from other processes (1 until anything has been seen)."""
+        units = [self._unit] if self._unit is not None else []
+        for limiter in self._limiters.values():
+            window = limiter.learnt_window()
+            if window is not None:
+                units.append(window / NOMINAL_WINDOW_S)
+        return max(units, default=1.0)
+
+    @property
+    def rate_window(self) -> float:
+        """Seconds the API's budgets count over: the user's `--rate-window`, else 60 s in
+        the time unit the API shows."""
+        return self.config.rate_window if self.config.rate_window is not None else NOMINAL_WINDOW_S * self.time_unit
 
     def _learn_time_unit(self, reported_s: float | None, nominal_s: float) -> None:
-        """The largest unit seen wins: a stale cached `cursorExpiresIn` can only read low."""
-        if reported_s is not None and reported_s > 0:
-            unit = min(1.0, max(0.001, reported_s / nominal_s))
-            self._unit = unit if self._unit is None else max(self._unit, unit)
+        """The largest unit seen wins: a cursor's lifetime is counted from the request's
+        arrival and reads low by the page's latency (a stale cached `cursorExpiresIn` lower
+        still); the token's lifetime and the first answer of a rate window are exact. A
+        larger unit is handed to the shared limiters as their window."""
+        if reported_s is None or reported_s <= 0:
+            return
+        unit = min(1.0, max(0.001, reported_s / nominal_s))
+        if self._unit is not None and unit <= self._unit:
+            return
+        self._unit = unit
+        self._teach(window_s=NOMINAL_WINDOW_S * unit)
+
+    def _teach(self, window_s: float | None = None, count: float | None = None, lanes: tuple[Lane, ...] = LANES) -> None:
+        """Hand what the API showed to the shared limiters of `lanes` (each takes what its
+        user left unset) and tell the user when a pace changed."""
+        for lane in lanes:
+            limiter = self._limiters.get(lane)
+            if limiter is None:
+                continue
+            before, after = limiter.learn(window_s, count)
+            if after == before:
+                continue
+            # The first window learnt, and every count, are news; a window refined by a
+            # later, longer reading (a few percent) is detail.
+            say = logger.debug if before.window_learnt and after.per_window == before.per_window else logger.info
+            say("pacing {} at {:g} requests per {:.3g}s, as the API shows", lane, after.per_window, after.window)
 
     def _bounded(self, told: float | None) -> float | None:
         """A wait the server asked for, capped at about one rate window (MAX_TOLD_WINDOWS)."""
         if told is None:
             return None
-        cap = MAX_TOLD_WINDOWS * self.config.rate_window
+        cap = MAX_TOLD_WINDOWS * self.rate_window
         if told > cap:
             logger.debug("server asked for a {:.1f}s wait; capped at {:.2f}s (one rate window)", told, cap)
         return min(told, cap)
@@ -603,9 +652,6 @@ class ApiClient:
                 params["cursor"] = cursor
             sent = time.monotonic()
             outcome, body = self._send("GET", url, headers, params=params)
-            if lane != "feed" and limiter is not None and outcome.status is not None:
-                remaining, reset = rate_headers(outcome.headers, self._clock())
-                limiter.observe(remaining, self._bounded(reset))
             page: Page | None = None
             if outcome.status is not None and 200 <= outcome.status < 300:
                 try:
@@ -614,6 +660,14 @@ class ApiClient:
                 except BadBody as exc:
                     self.stats["truncated"] += 1
                     outcome.exc = exc
+            if lane != "feed" and outcome.status is not None:
+                count, remaining, reset = rate_headers(outcome.headers, self._clock())
+                self._learn_time_unit(window_shown(count, remaining, reset), NOMINAL_WINDOW_S)
+                if count is not None and count != self._counts_shown.get(lane):
+                    self._counts_shown[lane] = count
+                    self._teach(count=count, lanes=(lane,))
+                if limiter is not None:
+                    limiter.observe(remaining, self._bounded(reset))
             action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, lane)
             budget, decision = budget.after(action, self._facts(action, path, outcome, cursor))
             step = decision.step
@@ -688,15 +742,31 @@ def _only_retry_after(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in headers.items() if name.lower() == "retry-after"}
 
 
-def rate_headers(headers: Mapping[str, str], now_epoch: float) -> tuple[int | None, float | None]:
-    """`X-RateLimit-Remaining`, and `X-RateLimit-Reset` as seconds left in the window (the
-    API sends relative seconds; an epoch, should one appear, is converted)."""
-    remaining: int | None = None
-    reset: float | None = None
+def window_shown(limit: int | None, remaining: int | None, reset_s: float | None) -> float | None:
+    """The rate window an answer's X-RateLimit headers show, if any: a fixed window opens
+    at its first counted request, so the answer that leaves `limit - 1` reads the whole
+    window in its reset (a cache HIT later in that window, which leaves the count as it
+    was, reads less: a lower bound, which the largest-unit rule absorbs). Any other reset
+    is only what is left of a window, and a 429's may be whatever the server's block is (a
+    bug's hours included): neither is read."""
+    if limit is None or remaining is None or reset_s is None or remaining != limit - 1:
+        return None
+    return reset_s
+
+
+def _whole(text: str | None) -> int | None:
     try:
-        remaining = int(float(headers.get("X-RateLimit-Remaining", "")))
-    except ValueError:
-        pass
+        return int(float(text)) if text is not None else None
+    except (ValueError, OverflowError):
+        return None
+
+
+def rate_headers(headers: Mapping[str, str], now_epoch: float) -> tuple[int | None, int | None, float | None]:
+    """`X-RateLimit-Limit` (requests per window), `X-RateLimit-Remaining`, and
+    `X-RateLimit-Reset` as seconds left in the window (the API sends relative seconds; an
+    epoch, should one appear, is converted)."""
+    reset: float | None = None
     if headers.get("X-RateLimit-Reset") is not None:
         reset = retry_after_seconds({"X-RateLimit-Reset": headers["X-RateLimit-Reset"]}, None, now_epoch)
-    return remaining, reset
+    limit = _whole(headers.get("X-RateLimit-Limit"))
+    return limit if limit is not None and limit >= 1 else None, _whole(headers.get("X-RateLimit-Remaining")), reset

@@ -23,10 +23,14 @@ from ingest.locks import locked
 from ingest.source.lanes import Lane, Mode
 
 # 2: `mode` and `lane` (version 1 called both `source`). 3: the target, and what top-ups
-# need (`source_total`, `rows_earlier`, `earlier_generations`, `loaded_newest_ms`, `topped_up_at`). Older versions
-# still resume: a version 2 state adopts the target of the first run that reads it.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# need (`source_total`, `rows_earlier`, `earlier_generations`, `loaded_newest_ms`, `topped_up_at`).
+# 4: `page_size`. Older versions still resume: a version 2 state adopts the target of the
+# first run that reads it; a state from before version 4 walks pages of DOCUMENTED_PAGE_CAP.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+# The page size the API documents as its cap (datasync-api.md section 3.1): what plans made
+# before pages were sized by the probe walked with.
+DOCUMENTED_PAGE_CAP = 5000
 
 
 class CheckpointError(RuntimeError):
@@ -71,6 +75,7 @@ class Checkpoint:
     earlier_generations: list[str] = field(default_factory=list)  # theirs: `reset --drop-table` clears their ledger rows
     loaded_newest_ms: int | None = None  # every event up to this time is loaded
     topped_up_at: float | None = None  # when a top-up (or the first load) last finished
+    page_size: int = DOCUMENTED_PAGE_CAP  # events a walk asks for per request: what the probe found the server serves
     version: int = FORMAT_VERSION
     updated_at: float = 0.0
 
@@ -81,6 +86,11 @@ class Checkpoint:
     @property
     def rows(self) -> int:
         return self.rows_earlier + sum(p.rows for p in self.partitions)
+
+    def walk_page_size(self, ceiling: int) -> int:
+        """The page size walks ask for: the plan's, unless the user has lowered
+        `--page-limit` since (it is a ceiling)."""
+        return max(1, min(self.page_size, ceiling))
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
@@ -119,6 +129,16 @@ def read(path: Path) -> Checkpoint | None:
 def write(path: Path, checkpoint: Checkpoint) -> None:
     checkpoint.updated_at = time.time()
     write_atomic(path, checkpoint.to_json())
+
+
+def walk_page_size_at(path: Path, ceiling: int) -> int:
+    """The page size of the plan at `path` (see `Checkpoint.walk_page_size`); a missing or
+    unreadable state gives the documented cap, within the ceiling."""
+    try:
+        state = read(path)
+    except CheckpointError:
+        state = None
+    return state.walk_page_size(ceiling) if state is not None else max(1, min(DOCUMENTED_PAGE_CAP, ceiling))
 
 
 def update_partition(path: Path, index: int, change: Callable[[PartitionState], None]) -> Checkpoint:

@@ -175,7 +175,8 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
                     raise Stopped()
             if ctx.should_stop():
                 raise Stopped()
-            page = ctx.client.fetch_page(part.lane, cursor, since=since, until=until, limit=config.page_limit)
+            page = ctx.client.fetch_page(part.lane, cursor, since=since, until=until,
+                                         limit=checkpoint.walk_page_size_at(config.state_path, config.page_limit))
             # Split by another fetcher while the page was on its way? Then what the page holds
             # below the new bound is the thief's to store (twice stored, an unstorable event
             # could become two rejects: its timestamp's form follows its place in the page).
@@ -202,6 +203,9 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
                 return True
             if writer.due():
                 commit(done=False)
+            # Not held while the next page is on its way: a walker waits on the network most
+            # of the time, and a parsed page weighs about ten times its body.
+            del page, rows
     except Stopped:
         commit(done=False)
         return False
@@ -248,3 +252,13 @@ def help_others(ctx: FetchContext, lane: Lane) -> None:
             continue
         if time.monotonic() - moved_at > STEAL_PATIENCE_S or ctx.wait(STEAL_RETRY_S):
             return
+
+
+def walk_and_help(ctx: FetchContext, part: PartitionState) -> bool:
+    """A walker's whole life: its own partition (unless a restart finds it done), then
+    help with the others. False when it was stopped."""
+    drained, lane = (True, part.lane) if part.done else walk(ctx, part)
+    logger.info("partition {} {}", part.index, "drained" if drained else "stopped")
+    if drained:
+        help_others(ctx, lane)
+    return drained

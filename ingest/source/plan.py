@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import replace
 
-from ingest.source.checkpoint import Checkpoint, PartitionState
+from ingest.source.checkpoint import DOCUMENTED_PAGE_CAP, Checkpoint, PartitionState
 from ingest.source.cursors import decode_cursor
 from ingest.source.lanes import Lane, Mode
 
@@ -39,6 +39,11 @@ PIECE_FILL = 0.8
 COMMIT_LAG_PAGES = 1  # pages a walk may be ahead of its committed cursor (a segment seals every 2 s)
 PROBE_DEPTH = 30  # the second probe looks this many first-probe spans below the newest event
 FAST_SOURCE_EVENTS_PER_S = 20_000  # one request this fast: an API on this machine, not behind budgets
+WALKERS_PER_CPU = 2  # walkers of a local source
+# Page sizes: see `memory_bound` and `timeout_bound`.
+PAGE_BYTES_PER_EVENT = 3_000
+PAGE_MEMORY_BYTES = 192 << 20
+TIMEOUT_SHARE = 0.25
 
 
 def estimate_oldest(newest_ms: int, sample: tuple[int, int, int], total: int | None) -> int:
@@ -62,10 +67,66 @@ def probe_depth(newest_ms: int, first_probe_oldest_ms: int) -> int:
 def partitions_for(requested: int, sample_events: int, sample_seconds: float | None, cpus: int) -> int:
     """The partitions a run walks (0: the lanes' default, see `choose_lanes`). A source
     that serves one request faster than FAST_SOURCE_EVENTS_PER_S is local: the run is bound
-    by this machine's CPUs, and more fetchers than cores only fight over them."""
+    by this machine's CPUs. Two walkers a core keep a page on its way from the source while
+    another is parsed; more would only hold more pages."""
     if requested or not sample_seconds or sample_events / sample_seconds < FAST_SOURCE_EVENTS_PER_S:
         return requested
-    return max(2, cpus)
+    return WALKERS_PER_CPU * max(1, cpus)
+
+
+def honoured_page_size(asked: int, granted: int | None, returned: int, has_more: bool) -> int:
+    """The largest page one answer to a request for `asked` events proves the server
+    serves. `granted` is its `pagination.limit` (the limit after its cap); `returned` the
+    events it held, which is the cap too when more are to come (pages never come back short
+    before the last). An answer that shows neither (no limit given, and the data ended, or
+    an empty page that claims more) proves only what it held: beyond that the documented
+    cap is assumed."""
+    shown = [granted] if granted is not None and granted >= 1 else []
+    if (has_more and returned > 0) or returned >= asked:
+        shown.append(returned)
+    if not shown:
+        return max(1, min(asked, max(returned, DOCUMENTED_PAGE_CAP)))
+    return max(1, min(asked, *shown))
+
+
+def memory_bound(walkers: int) -> int:
+    """The largest page `walkers` walkers may each hold at once.
+
+    A page held by a walker costs about 2.2 KB an event (measured on the simulator's
+    events: a 350-byte body, 1.3 KB of decoded objects, 0.5 KB of rows), and decoding peaks
+    for a moment at 5.5 KB an event (the parser's document beside the objects it builds);
+    PAGE_BYTES_PER_EVENT, 3 KB, leaves room for the one or two pages being decoded at a time
+    (CPU work: no more at once than the cores). Any walker may hold a page while the others
+    do (walkers sharing a process switch threads mid-page), so the worst case is all of
+    them, and PAGE_MEMORY_BYTES is what that worst case may take: with the default eight
+    walkers about 8,400 events a page, with two (a source on this machine) about 33,500.
+    Usually one or two pages are held at a time.
+    """
+    return PAGE_MEMORY_BYTES // (PAGE_BYTES_PER_EVENT * max(1, walkers))
+
+
+def timeout_bound(sample_events: int, sample_seconds: float | None, timeout_s: float) -> int | None:
+    """The largest page that stays well inside `--request-timeout` at the speed one page
+    of `sample_events` was served (None: not measured). A page takes a share TIMEOUT_SHARE
+    of the timeout at most: pages stretch when many are in flight on a server of limited
+    capacity, and one that times out costs its request's budget and a retry. Counting the
+    sample's fixed latency as per-event time errs towards smaller pages."""
+    if sample_events < 1 or not sample_seconds or sample_seconds <= 0:
+        return None
+    return int(timeout_s * TIMEOUT_SHARE * sample_events / sample_seconds)
+
+
+def choose_page_size(ceiling: int, honoured: int, walkers: int, sample_events: int, sample_seconds: float | None,
+                     timeout_s: float) -> int:
+    """Events per request for a plan's walks: the largest page the server honoured, within
+    the user's ceiling. Memory and the timeout bound only what goes beyond the documented
+    cap: pages that size are what every run has always walked with (a slow sample, say one
+    delayed answer, must not shrink the whole run's pages)."""
+    grow_to = memory_bound(walkers)
+    by_time = timeout_bound(sample_events, sample_seconds, timeout_s)
+    if by_time is not None:
+        grow_to = min(grow_to, by_time)
+    return max(1, min(ceiling, honoured, max(DOCUMENTED_PAGE_CAP, grow_to)))
 
 
 def choose_lanes(mode: Mode, partitions: int, rates: Mapping[Lane, float]) -> list[tuple[Lane, float]]:
@@ -114,13 +175,15 @@ def plan_top(state: Checkpoint, newest_ms: int | None, source_total: int | None,
     already loaded. Walkers are
     sized by the growth of meta.total (a top-up of a few pages gets a partition or two, not
     the full plan), so its cost follows what is new. A drained state gets a new epoch; an
-    unfinished one gets the top added to the walk under way."""
+    unfinished one gets the top added to the walk under way. Either walks pages of the
+    plan's size (`page_limit` is the user's ceiling over it)."""
     growth = source_total - state.source_total if source_total is not None and state.source_total is not None else None
     if newest_ms is None or state.newest_ms is None or newest_ms < state.newest_ms or (
         newest_ms == state.newest_ms and not growth
     ):
         return replace(state, source_total=source_total)  # nothing new (a resume after a kill, a quiet source)
-    wanted = requested or max(1, min(len(WALKER_ORDER), math.ceil((growth or page_limit) / page_limit)))
+    page_size = state.walk_page_size(page_limit)
+    wanted = requested or max(1, min(len(WALKER_ORDER), math.ceil((growth or page_size) / page_size)))
     lanes = choose_lanes(state.mode, wanted, rates)
     bottom, top = state.newest_ms, newest_ms + 1
     if state.drained:
@@ -128,7 +191,8 @@ def plan_top(state: Checkpoint, newest_ms: int | None, source_total: int | None,
                           partitions=split_range(bottom, top, lanes, floor_ms=bottom), target=state.target,
                           source_total=source_total, rows_earlier=state.rows,
                           earlier_generations=[*state.earlier_generations, state.generation],
-                          loaded_newest_ms=state.loaded_newest_ms, topped_up_at=state.topped_up_at)
+                          loaded_newest_ms=state.loaded_newest_ms, topped_up_at=state.topped_up_at,
+                          page_size=state.page_size)
     more = split_range(bottom, top, lanes, floor_ms=bottom, first_index=len(state.partitions))
     total = None if state.total is None or growth is None else state.total + growth
     return replace(state, total=total, newest_ms=newest_ms, partitions=[*state.partitions, *more],
@@ -254,8 +318,8 @@ def revised_oldest(parts: list[PartitionState], total: int | None, oldest_ms: in
 
 def plan_steal(state: Checkpoint, thief: Lane, page_limit: int, rates: Mapping[Lane, float]) -> tuple[int, int] | None:
     """What a fetcher of lane `thief` with no walk of its own should take over: `choose_split`
-    with the densities and bounds known so far, or None (its lane's budget is in use, or
-    nothing is worth a split)."""
+    with the densities and bounds known so far, in pages of the plan's size (within the
+    ceiling `page_limit`), or None (its lane's budget is in use, or nothing is worth a split)."""
     parts = state.partitions
     if not lane_needs_walker(parts, thief):
         return None
@@ -264,7 +328,7 @@ def plan_steal(state: Checkpoint, thief: Lane, page_limit: int, rates: Mapping[L
     if not density:
         return None
     oldest = revised_oldest(parts, state.total, state.oldest_ms or 0, density)
-    return choose_split(parts, max(1, int(page_limit * density)), oldest, thief, rates)
+    return choose_split(parts, max(1, int(state.walk_page_size(page_limit) * density)), oldest, thief, rates)
 
 
 def planned_ms_per_event(total: int | None, newest_ms: int | None, oldest_ms: int | None) -> float | None:

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 
 from ingest.config import Config
-from ingest.run.children import fetch_context
+from ingest.run.fetching import fetch_context
 from ingest.simulator import SimulatorConfig
 from ingest.sink.segments import SegmentStore, SegmentWriter, id_of
 from ingest.source import checkpoint
@@ -184,7 +184,7 @@ def test_a_sequence_number_sealed_before_a_crash_is_never_reused(
     are fetched again and may be cut differently (age-based rotation); under the same id
     the ledger would skip the new segment as already loaded and lose its extra events."""
     config = Config(api_url=simulator.base_url, api_key=simulator.api_key, data_dir=data_dir, page_limit=1000,
-                    segment_max_rows=2000, rate_window=0.01, source="events")
+                    segment_max_rows=2000, pacing="off", source="events")
     store = SegmentStore(config.segments_dir)
     store.ensure()
     upper = SimulatorConfig().time_end + 1

@@ -57,7 +57,7 @@ def test_no_secret_anywhere_after_a_run_full_of_faults(dsn_with_password: str, d
     sim = start_simulator(config)
     try:
         env = ingest_env(
-            sim, dsn_with_password, data_dir, INGEST_PAGE_LIMIT=500, INGEST_RATE_WINDOW=60 / SCALE,
+            sim, dsn_with_password, data_dir, INGEST_PAGE_LIMIT=500,
             INGEST_LOG_LEVEL="DEBUG", INGEST_KEEP_SEGMENTS="1", INGEST_SEGMENT_MAX_ROWS=2000,
         )
         code, log = run_to_end(env, data_dir / "run.log")
