@@ -120,7 +120,7 @@ class Config:
     )
     # --- pacing: the API's request budgets
     feed_rate: float = field(
-        default=39.0,
+        default=39.5,
         metadata={"group": "pacing", "metavar": "N",
                   "help": "feed requests per window, shared by all fetchers (no headers)"},
     )

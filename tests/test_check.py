@@ -330,7 +330,7 @@ def test_the_plan_follows_the_budgets(sim_factory: Any, pg_dsn: str, data_dir: P
     assert result.returncode == 0, result.stderr
     assert "plan: 8 partitions on 3 lanes (events_query 1, events 2, feed 5)" in result.stdout, result.stdout
     # No --rate-window: the time at the budgets is counted in the window the probes showed (60 s / 5).
-    assert re.search(r"at the API's budgets \(.*feed \d+ pages at 39/12s; ", result.stdout), result.stdout
+    assert re.search(r"at the API's budgets \(.*feed \d+ pages at 39.5/12s; ", result.stdout), result.stdout
 
 
 

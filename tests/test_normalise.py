@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import OrderedDict, defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -13,18 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.source.normalise import (
+    MAX_NESTING,
+    _api_iso_all,
+    _api_iso_ms,
     _api_stamp,
     _from_number,
     _from_text,
     _normalise_event,
-    _usual_line,
     decode_json,
     format_timestamp,
     normalise_event,
     normalise_page,
     parse_timestamp,
+    usual_lines,
 )
-from ingest.tsv import decode_row
+from ingest.tsv import EVENT_LINE_END, decode_row
 
 MS = 1769541612369  # 2026-01-27T19:20:12.369Z
 US = MS * 1000
@@ -386,16 +391,24 @@ def test_iso_like_texts_agree(text: str) -> None:
 
 
 def test_orjson_escapes_what_copy_and_postgresql_cannot_take_raw() -> None:
-    """`_usual_line` relies on this: no backslash in orjson's text means no NUL, tab,
+    """`usual_lines` relies on this: no backslash in orjson's text means no NUL, tab,
     newline, carriage return or backslash in any string of the event."""
     for char in [*map(chr, range(0x20)), "\\"]:
         assert b"\\" in orjson.dumps({"k": char}) and b"\\" in orjson.dumps({char: 1})
 
 
+def usual_line(ev: Any) -> tuple[bytes, int] | None:
+    """The shortcut's line and epoch ms for one event, None where it leaves the event to the
+    general path."""
+    usual = usual_lines([ev])
+    head = usual.heads[0]
+    return None if head is None else (head.encode() + usual.payloads[0] + EVENT_LINE_END, int(usual.first_ms))
+
+
 def test_usual_events_take_the_shortcut() -> None:
     for stamp in (MS, "2026-01-27T19:19:13.629Z"):
         ev = event(timestamp=stamp)
-        assert _usual_line(ev) == (normalise_event(ev).line, normalise_event(ev).ts_ms)
+        assert usual_line(ev) == (normalise_event(ev).line, normalise_event(ev).ts_ms)
 
 
 @pytest.mark.parametrize(
@@ -434,7 +447,7 @@ def test_usual_line_agrees_with_the_general_path(changes: dict[str, Any]) -> Non
 
 
 def assert_usual_agrees(ev: Any) -> None:
-    usual = _usual_line(ev)
+    usual = usual_line(ev)
     general = _normalise_event(ev)
     if usual is not None:
         assert general.reason is None and usual == (general.line, general.ts_ms)
@@ -464,3 +477,123 @@ usual_ish_event = st.builds(
 @settings(max_examples=500)
 def test_usual_line_agrees_on_near_usual_events(ev: dict[str, Any]) -> None:
     assert_usual_agrees(ev)
+
+
+# ---------------------------------------------------------------------------------------
+# The page at a time: `usual_lines` decides per page what the general path decides per event
+
+
+def test_api_iso_all_agrees_on_a_table_of_pages() -> None:
+    good = "2026-01-27T19:19:13.629Z"
+    for texts, verdict in [
+        ([], True),
+        ([good], True),
+        ([good, "1970-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z", "2028-02-29T12:00:00.000Z"], True),
+        ([good, "2026-02-29T12:00:00.000Z"], False),  # no such day
+        ([good, "2026-01-27T24:00:00.000Z"], False),
+        ([good, "2026-01-27T19:19:60.000Z"], False),  # leap second
+        ([good, "0000-01-01T00:00:00.000Z"], False),
+        ([good, "2026-01-27T19:19:13.\u0666\u0662\u0669Z"], False),  # other digits
+        ([good, good[:-1]], False),
+        ([good + "\n" + good, good[:-1]], False),  # a newline inside a text never passes for a separator
+        ([good[:-2], good + "Z"], False),  # lengths that add up
+        ([good, good.lower()], False),
+    ]:
+        for _ in range(2):  # once filling the per-minute cache, once reading it
+            assert _api_iso_all(texts) is verdict, texts
+            assert all(_api_iso_ms(t) is not None for t in texts) is verdict
+
+
+iso_like_text = st.one_of(
+    st.datetimes(timezones=st.just(UTC)).map(lambda m: m.isoformat(timespec="milliseconds").replace("+00:00", "Z")),
+    st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z", fullmatch=True),
+    st.from_regex(r"\s?\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,6})?[Zz\n]?\s?", fullmatch=True),
+)
+
+
+@given(st.lists(iso_like_text, max_size=8))
+@settings(max_examples=300)
+def test_api_iso_all_agrees_with_each_text(texts: list[str]) -> None:
+    assert _api_iso_all(texts) == all(_api_iso_ms(t) is not None for t in texts)
+
+
+def assert_page_agrees(events: list[Any], window: tuple[int, int] | None = None) -> None:
+    """`normalise_page` gives exactly the general path's lines, rows, rejects and minimum."""
+    lo, hi = window or (-(10**30), 10**30)
+    singles = [normalise_event(e) for e in events]
+    kept = [n for n in singles if n.reason is not None or lo <= (n.ts_ms or 0) < hi]
+    page = normalise_page(events, window=window)
+    assert page.data == b"".join(n.line for n in kept)
+    assert page.rows == len(kept)
+    assert page.rejected == sum(n.reason is not None for n in singles)
+    stamps = [n.ts_ms for n in kept if n.ts_ms is not None]
+    assert page.min_ts_ms == (min(stamps) if stamps else None)
+
+
+tied_stamp = st.sampled_from([MS, MS + 1, "2026-01-27T19:20:12.369Z", "2026-01-27T19:20:12.370Z"])
+
+
+@given(
+    st.lists(st.one_of(usual_ish_event, st.builds(lambda s: event(id="tie", timestamp=s), tied_stamp)), max_size=12),
+    st.sampled_from([None, (MS, MS + 1), (MS + 1, MS + 2), (0, MS), (MS, 10**15)]),
+)
+@settings(max_examples=400, deadline=None)
+def test_pages_of_near_usual_events_agree(events: list[Any], window: tuple[int, int] | None) -> None:
+    """Mostly usual pages, some events not, ties on the window's edges, both timestamp forms."""
+    assert_page_agrees(events, window)
+
+
+class Text(str):
+    pass
+
+
+class Record(dict):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        event(id=Text("5f1c9b4e"), name=Text("n")),  # str subclasses are text, as orjson writes them
+        Record(event()),
+        OrderedDict(event()),
+        defaultdict(str, {k: v for k, v in event().items() if k != "name"}),  # must not be asked for "name"
+        {k: v for k, v in event().items() if k != "userId"},
+        event(properties={"n": 123456789012345678901234567890}),  # orjson cannot write it
+        event(properties={"note": "\ud800"}),
+        event(timestamp=True),
+        event(timestamp="2026-02-29T12:00:00.000Z"),
+        event(name="a\\b"),
+        event(id="x" * 257),
+        event(id=""),
+        [event()],
+        "an event",
+        None,
+    ],
+)
+def test_an_odd_event_in_a_usual_page_takes_the_general_path(odd: Any) -> None:
+    before = copy.deepcopy(odd)
+    assert_page_agrees([event(id="a"), odd, event(id="b", timestamp=MS)])
+    assert odd == before and type(odd) is type(before)
+
+
+def test_a_usual_page_never_asks_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingest.source.normalise as module
+
+    asked: list[Any] = []
+    monkeypatch.setattr(module, "normalise_event", lambda e: asked.append(e) or _normalise_event(e))
+    events = [event(id=f"e{n}", timestamp=MS + n if n % 3 == 0 else format_api_iso(MS + n)) for n in range(50)]
+    odd = event(id="odd", name=None)
+    assert normalise_page(events).rows == 50 and asked == []
+    assert normalise_page([*events, odd]).rows == 51 and asked == [odd]  # only the odd one
+
+
+def format_api_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_a_deep_event_in_a_page_is_rejected_as_alone() -> None:
+    deep: Any = {}
+    for _ in range(MAX_NESTING + 5):
+        deep = {"a": deep}
+    assert_page_agrees([event(id="a"), event(id="deep", properties=deep)])
