@@ -597,3 +597,48 @@ def test_a_deep_event_in_a_page_is_rejected_as_alone() -> None:
     for _ in range(MAX_NESTING + 5):
         deep = {"a": deep}
     assert_page_agrees([event(id="a"), event(id="deep", properties=deep)])
+
+
+def nested(levels: int) -> Any:
+    value: Any = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("what", ["event", "body"])
+def test_deep_values_take_the_deep_stack_even_while_another_thread_raised_the_limit(
+    what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit `deep_call` raises is process-wide. A walker that recursed deep on its own
+    because another thread had raised it would be cut off fatally when the limit is
+    lowered again, so deep work must go through `deep_call` whatever the limit reads."""
+    import sys
+
+    from ingest.source import normalise
+
+    routed: list[str] = []
+    real_deep_call = normalise.deep_call
+
+    def spy(fn: Any, *args: Any) -> Any:
+        routed.append(fn.__name__)
+        return real_deep_call(fn, *args)
+
+    monkeypatch.setattr(normalise, "deep_call", spy)
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(normalise.DEEP_RECURSION_LIMIT)  # as another thread's deep_call leaves it
+    try:
+        if what == "event":  # on a walker's stack, which could hold the recursion
+            lines: list[bytes] = []
+            walker = normalise.deep_stack_thread(
+                lambda: lines.append(normalise_event(event(id="d", properties=nested(2_000))).line), name="walker"
+            )
+            walker.start()
+            walker.join()
+            assert decode_row(lines[0])[0] == "d"
+        else:  # deeper than orjson reads: the exact decoder's path
+            body = orjson.dumps([{"id": "d"}])[:-2] + b',"p":' + b"[" * 2_000 + b"]" * 2_000 + b"}]"
+            assert decode_json(body)[0]["id"] == "d"
+    finally:
+        sys.setrecursionlimit(old_limit)
+    assert routed, routed

@@ -61,6 +61,12 @@ _RISKY_FIRST = re.compile(rb"\s*-?(?:[0-9.]{17}|[0-9.]+[eE])")
 DEEP_STACK_BYTES = 512 << 20
 DEEP_RECURSION_LIMIT = 60_000
 MAX_NESTING = 10_000  # deeper events are rejected (PostgreSQL's default stack holds ~10-40k)
+# Deeper than this is handled on the deep stack from the start, never by catching a
+# RecursionError: the limit `deep_call` raises is process-wide, so another thread could
+# meanwhile recurse past the default limit on its own, and lowering the limit again under
+# it is fatal ("Cannot recover from stack overflow"). Outside `deep_call` nothing recurses
+# deeper than this, far below the default limit of 1,000.
+SHALLOW_NESTING = 200
 _DEEP_LOCK = threading.Lock()
 _STACK_LOCK = threading.Lock()
 
@@ -110,13 +116,13 @@ def _decode_exact_shallow(body: bytes) -> Any:
 
 
 def _decode_exact(body: bytes) -> Any:
+    """The stdlib decoder, always on the deep stack (see SHALLOW_NESTING): a body's depth is
+    not known before it is parsed, and this path is rare (bodies orjson refuses or cannot
+    decode exactly)."""
     try:
-        return _decode_exact_shallow(body)
+        return deep_call(_decode_exact_shallow, body)
     except RecursionError:
-        try:
-            return deep_call(_decode_exact_shallow, body)
-        except RecursionError:
-            raise ValueError(f"JSON nested deeper than {DEEP_RECURSION_LIMIT - 10_000} levels") from None
+        raise ValueError(f"JSON nested deeper than {DEEP_RECURSION_LIMIT - 10_000} levels") from None
 
 
 def decode_json(body: bytes) -> Any:
@@ -400,11 +406,10 @@ def _reject(event: Any, reason: str) -> Normalised:
 
 def normalise_event(event: object) -> Normalised:
     """One decoded API event -> its segment line (see the module docstring)."""
-    try:
+    depth = nesting_depth(event)
+    if depth <= SHALLOW_NESTING:
         return _normalise_event(event)
-    except RecursionError:  # nested deeper than the default limit: redo with a deep stack
-        pass
-    if nesting_depth(event) <= MAX_NESTING:
+    if depth <= MAX_NESTING:
         return deep_call(_normalise_event, event)
     eid = event.get("id") if isinstance(event, dict) else None
     reason = f"nested deeper than {MAX_NESTING} levels"
