@@ -591,7 +591,7 @@ def test_the_users_window_and_count_stand(clock: FakeTime, mocked: responses.Req
     mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Limit": "12", "X-RateLimit-Reset": "15"})
     client.fetch_page("events", None)
     assert {lane: (s.window, s.per_window) for lane, s in ((k, v.snapshot()) for k, v in limiters.items())} == {
-        "feed": (30.0, 39.0), "events": (30.0, 8.0), "events_query": (30.0, 5.0)}
+        "feed": (30.0, 39.5), "events": (30.0, 8.0), "events_query": (30.0, 5.0)}
     assert client.rate_window == 30.0
 
 

@@ -13,6 +13,7 @@ import pytest
 from ingest.config import Config
 from ingest.simulator import SimulatorConfig, spawn_simulator, start_simulator
 from ingest.source.api import ApiClient
+from ingest.source.plan import WALKERS_PER_CPU
 from ingest.source.probe import make_plan
 
 TIME_START = 1766946793000  # the simulator's oldest event
@@ -43,7 +44,7 @@ def test_the_plan_estimates_the_oldest_event_from_inside_the_data(sim: Any, data
     assert pages_asked(client) == 2, "two small probes"
     assert plan.partitions[0].upper_ms == plan.newest_ms + 1 and plan.partitions[-1].lower_ms == 0
     # a simulator without latency on this machine: bound by the CPUs, a fetcher per core
-    assert len(plan.partitions) == max(2, os.cpu_count() or 2)
+    assert len(plan.partitions) == WALKERS_PER_CPU * (os.cpu_count() or 1)
 
 
 def test_a_source_that_fits_in_one_probe_needs_no_second(data_dir: Path) -> None:
