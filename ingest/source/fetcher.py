@@ -147,6 +147,7 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
     cursor = start_cursor(part, int(time.time() * 1000))
     paging = Paging.starting_at(start_position(part, cursor))
     since, until = request_window(part)
+    page_size = checkpoint.walk_page_size_at(config.state_path, config.page_limit)  # fixed for the plan's life
     unsealed_rows = unsealed_pages = 0
 
     def commit(done: bool) -> None:
@@ -175,8 +176,7 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
                     raise Stopped()
             if ctx.should_stop():
                 raise Stopped()
-            page = ctx.client.fetch_page(part.lane, cursor, since=since, until=until,
-                                         limit=checkpoint.walk_page_size_at(config.state_path, config.page_limit))
+            page = ctx.client.fetch_page(part.lane, cursor, since=since, until=until, limit=page_size)
             # Split by another fetcher while the page was on its way? Then what the page holds
             # below the new bound is the thief's to store (twice stored, an unstorable event
             # could become two rejects: its timestamp's form follows its place in the page).
