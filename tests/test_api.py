@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import requests
 import responses
@@ -29,7 +30,7 @@ from ingest.source.api import (
     classify,
 )
 from ingest.source.cursors import CURSOR_TTL_MS, FORGE_ID, decode_cursor, encode_cursor
-from ingest.source.pacing import SharedRateLimiter, full_rate
+from ingest.source.pacing import RESET_MARGIN_SHARE, SharedRateLimiter, full_rate
 
 HOST = "http://api.test"
 EVENTS = HOST + "/api/v1/events"
@@ -336,14 +337,21 @@ def test_silent_feed_429_waits_10_then_20_seconds(
 def test_events_headers_drive_the_pace(config: Config, clock: FakeTime, mocked: responses.RequestsMock) -> None:
     limiter = SharedRateLimiter(600, 60, burst=1, clock=clock)
     client = make_client(config, clock, limiters={"events": limiter})
-    mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "7.5"})
+
+    def slow_last_of_window(request: Any) -> tuple[int, dict[str, str], bytes]:
+        clock.now += 3.0  # the page takes 3 s; its headers are as of the request's arrival
+        return 200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "7.5"}, orjson.dumps(page_body(2))
+
+    mocked.add_callback(responses.GET, EVENTS, callback=slow_last_of_window)
     mocked.get(EVENTS, json=page_body(2), headers={"X-RateLimit-Remaining": "4", "X-RateLimit-Reset": "8"})
     mocked.get(EVENTS, json=page_body(2))
     client.fetch_page("events", None)
     client.fetch_page("events", None)
-    assert clock.waits == [7.5]
+    # The window closes 7.5 s after the request went out (3 s before its answer), and is
+    # waited out a margin longer.
+    assert clock.waits == [pytest.approx(7.5 - 3.0 + RESET_MARGIN_SHARE * 60)]
     client.fetch_page("events", None)
-    assert clock.waits == [7.5, 1.6]  # 4 left + the reset: 8 s / 5 from the request's start
+    assert clock.waits[1:] == [1.6]  # 4 left + the reset: 8 s / 5 from the request's start
 
 
 def test_the_query_string_lane_sends_the_key_as_api_key_and_paces_on_its_own_budget(
@@ -360,7 +368,7 @@ def test_the_query_string_lane_sends_the_key_as_api_key_and_paces_on_its_own_bud
     assert request.params == {"limit": "50", "api_key": KEY}
     assert query_lane.snapshot().blocked_until > header_lane.snapshot().blocked_until, "only its own budget is spent"
     client.fetch_page("events_query", None)
-    assert clock.waits == [7.5]
+    assert clock.waits == [pytest.approx(7.5 + RESET_MARGIN_SHARE * 60)]
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -14,6 +14,7 @@ import pytest
 
 from ingest.source.pacing import (
     DECREASE,
+    RESET_MARGIN_SHARE,
     PaceParams,
     PaceState,
     SharedRateLimiter,
@@ -122,17 +123,27 @@ def test_no_recovery_while_blocked() -> None:
     assert recover(state, 40.0).rate == pytest.approx(state.rate + recovery_rate(state) * 10.0)
 
 
-def test_observe_exhausted_blocks_until_reset() -> None:
+@pytest.mark.parametrize(
+    ("sent", "answered", "reset", "free_at"),
+    [
+        (0.0, 0.1, 12.5, 12.5),  # a quick answer
+        (0.0, 4.0, 12.5, 12.5),  # a 4 s page: the reset counts from the arrival, not the answer
+        (2.0, 2.5, 3.0, 5.0),  # sent later in the window
+    ],
+)
+def test_observe_exhausted_blocks_until_the_reset_after_the_request_went_out(
+    sent: float, answered: float, reset: float, free_at: float
+) -> None:
     params = make_params(600, 60, burst=1)
-    state = observe(initial_state(params, 0.0), now=1.0, remaining=0, reset_s=12.5)
-    _, delay = try_acquire(state, params, 1.0)
-    assert delay == pytest.approx(12.5)
+    state = observe(initial_state(params, 0.0), sent=sent, remaining=0, reset_s=reset)
+    _, delay = try_acquire(state, params, answered)
+    assert answered + delay == pytest.approx(free_at + RESET_MARGIN_SHARE * 60)
 
 
 def test_observe_spreads_remaining_over_reset_from_the_request_start() -> None:
     params = make_params(600, 60, burst=1)  # 10/s: the headers are the slower of the two
     state, _ = try_acquire(initial_state(params, 0.0), params, 0.0)  # the request starts at 0
-    state = observe(state, now=1.5, remaining=3, reset_s=8.0)  # its response comes at 1.5
+    state = observe(state, sent=0.0, remaining=3, reset_s=8.0)  # its response comes at 1.5
     _, delay = try_acquire(state, params, 1.5)
     assert delay == pytest.approx(0.5)  # 3 more then the reset: gaps of 8 / 4 = 2 s from 0
 
@@ -141,7 +152,7 @@ def test_observe_never_speeds_up_beyond_the_rate() -> None:
     params = make_params(6, 60, burst=1)  # one per 10 s
     state = initial_state(params, 0.0)
     state, _ = try_acquire(state, params, 0.0)
-    state = observe(state, now=0.0, remaining=9, reset_s=9.0)  # headers would allow 1 s
+    state = observe(state, sent=0.0, remaining=9, reset_s=9.0)  # headers would allow 1 s
     _, delay = try_acquire(state, params, 1.0)
     assert delay == pytest.approx(9.0)
 
@@ -272,9 +283,9 @@ def test_shared_limiter_shell_waits_through_the_callback() -> None:
     assert limiter.snapshot().rate == pytest.approx(0.5 * DECREASE)
     assert limiter.acquire(clock.wait)
     assert clock.now == pytest.approx(62.0)
-    limiter.observe(0, 5.0)
+    limiter.observe(clock.now - 1.0, 0, 5.0)  # sent a second ago
     assert limiter.acquire(clock.wait)
-    assert clock.now == pytest.approx(67.0)
+    assert clock.now == pytest.approx(66.0 + RESET_MARGIN_SHARE * 60)
 
 
 def test_shared_limiter_learns_and_says_what_changed() -> None:

@@ -651,6 +651,7 @@ class ApiClient:
             if cursor is not None:
                 params["cursor"] = cursor
             sent = time.monotonic()
+            paced_from = limiter.clock() if limiter is not None else sent
             outcome, body = self._send("GET", url, headers, params=params)
             page: Page | None = None
             if outcome.status is not None and 200 <= outcome.status < 300:
@@ -667,7 +668,7 @@ class ApiClient:
                     self._counts_shown[lane] = count
                     self._teach(count=count, lanes=(lane,))
                 if limiter is not None:
-                    limiter.observe(remaining, self._bounded(reset))
+                    limiter.observe(paced_from, remaining, self._bounded(reset))
             action = classify(outcome.status, outcome.code, type(outcome.exc) if outcome.exc else None, lane)
             budget, decision = budget.after(action, self._facts(action, path, outcome, cursor))
             step = decision.step

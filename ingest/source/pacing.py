@@ -13,8 +13,9 @@ requests. On top of that:
 - `penalise` (after a 429): nothing goes out before the wait is over, and the rate drops
   multiplicatively (x0.8, never below a floor); it recovers additively over time (AIMD), so a
   hidden limit is approached from below instead of being hit again at once;
-- `observe` (endpoints with `X-RateLimit-*`): remaining == 0 blocks until the window resets;
-  otherwise the remaining requests are spread over the time left, never faster than the rate;
+- `observe` (endpoints with `X-RateLimit-*`, read as of the request's arrival): remaining
+  == 0 blocks until the window resets; otherwise the remaining requests are spread over the
+  time left, never faster than the rate;
 - `learn`: the window and the count per window are the user's when given, else what the API
   shows (a simulator's clock may run S times faster: its windows are 60/S s). The state
   holds them, so what one process learns paces every process from its next request on.
@@ -39,6 +40,9 @@ LOCK_TIMEOUT_S = 2.0
 FLOOR_SHARE = 0.25
 RECOVERY_SHARE_PER_WINDOW = 0.1
 NOMINAL_WINDOW_S = 60.0  # the real service's rate windows (datasync-api.md section 4)
+# A window reported closed is waited out this share of a window longer: whole seconds
+# rounded down would otherwise send the next window's first request into the old one.
+RESET_MARGIN_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -124,23 +128,26 @@ def penalise(state: PaceState, params: PaceParams, now: float, seconds: float) -
     return replace(state, rate=rate, blocked_until=until, tat=tat)
 
 
-def observe(state: PaceState, now: float, remaining: int | None, reset_s: float | None) -> PaceState:
+def observe(state: PaceState, sent: float, remaining: int | None, reset_s: float | None) -> PaceState:
     """Fold `X-RateLimit-Remaining` / `X-RateLimit-Reset` (seconds left) into the state.
 
-    The budget is exhausted: block until the window resets. Otherwise the remaining slots
-    are spread evenly up to the reset, counted from the start of the request these
-    headers answer (not from its response: a slow page must not also delay the next one);
-    the budget's rate still applies, so the slower of the two wins.
+    Both are as of the request's arrival, `sent` here (an Express server counts a request
+    in its rate-limit middleware, before the page is made), not of its response: a page
+    takes seconds, and a window timed from the response would lose that much of every
+    window. The budget is exhausted: block until the window resets, plus a margin
+    (RESET_MARGIN_SHARE of the window) for a reset rounded down to whole seconds.
+    Otherwise the remaining slots are spread evenly up to the reset; the budget's rate still
+    applies, so the slower of the two wins.
     """
     if remaining is None or reset_s is None or not math.isfinite(reset_s):
         return state
     reset_s = max(0.0, reset_s)
     if remaining <= 0:
-        return replace(state, blocked_until=max(state.blocked_until, now + reset_s))
+        until = sent + reset_s + RESET_MARGIN_SHARE * state.window
+        return replace(state, blocked_until=max(state.blocked_until, until))
     # `remaining` more requests fit before the window resets, and the first request of the
     # next window may go at the reset itself: remaining + 1 equal gaps.
-    last_start = state.tat - 1.0 / state.rate
-    return replace(state, tat=max(state.tat, last_start + reset_s / (remaining + 1)))
+    return replace(state, tat=max(state.tat, sent + reset_s / (remaining + 1)))
 
 
 def _reading(value: float | None) -> float | None:
@@ -248,9 +255,10 @@ class SharedRateLimiter:
         with self._locked():
             self._store(penalise(self._load(), self.params, self.clock(), seconds))
 
-    def observe(self, remaining: int | None, reset_s: float | None) -> None:
+    def observe(self, sent: float, remaining: int | None, reset_s: float | None) -> None:
+        """`sent`: when the request these headers answer went out, on `clock`."""
         with self._locked():
-            self._store(observe(self._load(), self.clock(), remaining, reset_s))
+            self._store(observe(self._load(), sent, remaining, reset_s))
 
     def learn(self, window_s: float | None = None, count: float | None = None) -> tuple[PaceState, PaceState]:
         """`learn` on the shared state; the states before and after (the caller tells the
