@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from ingest.source.normalise import (
     MAX_NESTING,
+    PageRows,
+    RawEvents,
     _api_iso_all,
     _api_iso_ms,
     _api_stamp,
@@ -23,11 +25,13 @@ from ingest.source.normalise import (
     _from_text,
     _normalise_event,
     decode_json,
+    decode_page,
     format_timestamp,
     normalise_event,
     normalise_page,
     parse_timestamp,
     usual_lines,
+    usual_page,
 )
 from ingest.tsv import EVENT_LINE_END, decode_row
 
@@ -642,3 +646,80 @@ def test_deep_values_take_the_deep_stack_even_while_another_thread_raised_the_li
     finally:
         sys.setrecursionlimit(old_limit)
     assert routed, routed
+
+
+# ---------------------------------------------------------------------------------------
+# Usual pages straight from the body: `decode_page` must give the lines the general path gives
+
+
+def page_body(events: list[Any]) -> bytes:
+    """Compact JSON as the API writes it (ints of any size, text as it is: UTF-8)."""
+    doc = {"data": events, "pagination": {"limit": 5000, "hasMore": True, "nextCursor": None}, "meta": {"total": 3}}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def body_lines(body: bytes, window: tuple[int, int] | None = None) -> tuple[Any, PageRows]:
+    events = decode_page(body)["data"]
+    return events, normalise_page(events, window)
+
+
+@given(st.lists(st.one_of(usual_ish_event, any_event), max_size=12), st.integers(10**11, 10**14), st.integers(0, 10**14))
+@settings(max_examples=400)
+def test_a_page_from_its_body_equals_the_general_path(events: list[Any], lo: int, width: int) -> None:
+    body = page_body(events)
+    for window in (None, (lo, lo + width)):
+        decoded, rows = body_lines(body, window)
+        assert rows == normalise_page(decode_json(body)["data"], window)
+    # Every event usual (and the body clean): the page took the body path.
+    usual = all(head is not None for head in usual_lines(decode_json(body)["data"]).heads)
+    clean = not any(mark in body for mark in (b"\\", b"\t", b"\n", b"\r"))
+    assert isinstance(decoded, RawEvents) == (usual and clean), body
+
+
+def test_a_page_of_usual_events_takes_the_body_path_and_reads_as_its_events() -> None:
+    events = [event(id=f"e{i}", timestamp=MS - i if i % 3 == 0 else "2026-01-27T19:19:13.629Z") for i in range(7)]
+    decoded, rows = body_lines(page_body(events))
+    assert isinstance(decoded, RawEvents) and rows.rows == 7
+    assert len(decoded) == 7 and decoded[-1] == events[-1] and list(decoded) == events and decoded[1:3] == events[1:3]
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (page_body([event(name="a\\b")]), "an escape"),
+        (page_body([event()]).replace(b',"name"', b',\n"name"'), "a newline between tokens"),
+        (page_body([event()]).replace(b',"name"', b',\t"name"'), "a tab between tokens"),
+        (page_body([event(name="caf\u00e9")]).replace("\u00e9".encode(), b"\xff"), "invalid UTF-8"),
+        (page_body([event(name=None)]), "a text column that is null"),
+        (page_body([event(id="")]), "an empty id"),
+        (page_body([event(id="x" * 300)]), "an id too long"),
+        (page_body([event(timestamp="2026-02-30T19:19:13.629Z")]), "no such day"),
+        (page_body([event(timestamp=17695416123)]), "a number in seconds"),
+        (page_body([event(properties=DROP)]).replace(b'"data":[', b'"data":[' + b"[" * 3000 + b"]" * 3000 + b","),
+         "nested past msgspec's depth"),
+        (page_body([event()]).replace(b',"pagination"', b',"pages"'), "no nested pagination"),
+    ],
+)
+def test_bodies_the_body_path_leaves_to_the_general_one(body: bytes, why: str) -> None:
+    assert usual_page(body) is None, why
+    try:  # the general path reads it, or refuses it as it did before there was a body path
+        decoded = decode_page(body)
+    except ValueError:
+        with pytest.raises(ValueError):
+            decode_json(body)
+    else:
+        assert isinstance(decoded["data"], list) and len(decoded["data"]) == len(decode_json(body)["data"]), why
+
+
+def test_the_payload_is_the_events_own_text_equal_as_jsonb() -> None:
+    # Spaces and number forms orjson would write differently: the payload keeps the API's text.
+    text = (b'{"id": "a", "sessionId": "s", "userId": "u", "type": "click", "name": "n",'
+            b' "properties": {"price": 1.50, "big": 123456789012345678901234567890, "e": 1E2},'
+            b' "timestamp": 1769541612369, "session": null}')
+    body = b'{"data": [' + text + b'], "pagination": {"hasMore": false, "nextCursor": null}}'
+    decoded, rows = body_lines(body)
+    assert isinstance(decoded, RawEvents)
+    (row,) = [decode_row(line) for line in rows.data.splitlines()]
+    assert row[:6] == ["a", "2026-01-27T19:20:12.369000+00:00", "click", "n", "u", "s"]
+    assert row[6].encode() == text
+    assert decode_json(row[6].encode()) == decode_json(text)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -140,7 +141,7 @@ def event_position(event: Any) -> Position | None:
     return Position(ts, event_id) if ts is not None else None
 
 
-def read_page(events: list[Any], has_more: bool, next_cursor: str | None) -> Marks:
+def read_page(events: Sequence[Any], has_more: bool, next_cursor: str | None) -> Marks:
     """The marks of a page. An event whose position cannot be read gives way to the one
     before it, which repeats a few events rather than skipping any."""
     final = event_position(events[-1]) if events else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loguru import logger
@@ -49,7 +50,7 @@ ABOVE_ALL_MS = 9_999_999_999_999
 MODE_OF_CHOICE: dict[str, Mode] = {"auto": "mixed", "feed": "feed", "events": "events"}
 
 
-def newest_timestamp_ms(events: list[Any]) -> int | None:
+def newest_timestamp_ms(events: Sequence[Any]) -> int | None:
     stamps = [parse_timestamp(e.get("timestamp")) for e in events if isinstance(e, dict)]
     valid = [s for s in stamps if s is not None]
     return max(valid) // 1000 if valid else None

@@ -267,3 +267,16 @@ def test_a_fresh_token_that_expires_in_flight_is_renewed_not_fatal() -> None:
         result = client.fetch_page("feed", None)
     assert [e["id"] for e in result.events] == ["e1"]
     assert client.stats["token_refreshes"] == 3
+
+
+def test_a_body_cut_mid_stream_is_a_transient_fault_of_the_page(sim_factory: Any) -> None:
+    """The body is read in one go (`api.read_body`): a connection reset after the headers
+    must still surface as the transport fault it is (retried, then an ApiError), never as
+    an urllib3 exception out of the client."""
+    from ingest.source.api import ApiError
+
+    sim = sim_factory(events=20_000, p_reset=1.0)
+    client = ApiClient(Config(api_url=sim.base_url, api_key=sim.api_key, max_attempts=3, request_timeout=10))
+    with pytest.raises(ApiError):
+        client.fetch_page("events", None, limit=5000)
+    assert sim.stats()["faults"].get("reset", 0) >= 3 and client.stats["requests"] >= 3
