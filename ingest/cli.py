@@ -7,6 +7,7 @@ one line that names the option.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -119,6 +120,24 @@ class DefaultRunGroup(click.Group):
 
     command_class = ConfigCommand
     OWN_OPTIONS = ("-h", "--help", "--version")
+    # Commands imported only when named: the simulator's import would cost every run
+    # (and every child it spawns) a tenth of a second of start-up.
+    LAZY = {"simulate": ("ingest.simulator.cli", "simulate")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            module, name = self.LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as exc:  # suggest the lazy commands too
+            raise click.exceptions.NoSuchCommand(exc.command_name, possibilities=self.list_commands(ctx), ctx=ctx) from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -412,15 +431,6 @@ def reset(yes: bool, drop_table: bool, **cli_values: Any) -> None:
         click.echo(redact(f"{PROGRAM}: reset: {exc}"), err=True)
         sys.exit(ExitCode.FAILED)
     click.echo(redact("\n".join(lines)))
-
-
-def _register_simulator() -> None:
-    from ingest.simulator.cli import simulate
-
-    main.add_command(simulate)
-
-
-_register_simulator()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pty
 import re
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -339,3 +340,12 @@ def test_status_masks_a_secret_whatever_reports_it(
     assert result.exit_code == 0, result.output
     assert "refused postgresql://ingest:***@" in result.output
     assert password not in result.output + result.stderr
+
+
+def test_the_simulator_is_imported_only_when_its_command_is_named() -> None:
+    """Every run, and so the start-up CPU of every run, would pay for it otherwise."""
+    probe = "import sys, ingest.cli; print(sorted(m for m in sys.modules if m.startswith('ingest.simulator')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    result = CliRunner().invoke(main, ["simulate", "--help"])
+    assert result.exit_code == 0 and "simulator" in result.output

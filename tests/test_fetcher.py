@@ -21,7 +21,7 @@ from ingest.source import checkpoint, fetcher
 from ingest.source.api import ApiClient
 from ingest.source.checkpoint import Checkpoint, PartitionState
 from ingest.source.cursors import encode_cursor
-from ingest.source.fetcher import FetchContext, current_lower, fetch_partition, help_others, steal, walk
+from ingest.source.fetcher import FetchContext, current_bounds, fetch_partition, help_others, steal, walk
 from ingest.source.lanes import LANES
 from ingest.source.pacing import SharedRateLimiter
 from tests.e2e import assert_exact
@@ -64,6 +64,28 @@ def load_all(config: Config, dsn: str) -> None:
     load_ready(config, dsn, workers=2)
 
 
+@pytest.mark.parametrize(("finished", "commits_every_page"), [(False, False), (True, True)])
+def test_once_a_walk_is_finished_every_page_is_committed(
+    sim: Any, data_dir: Path, finished: bool, commits_every_page: bool
+) -> None:
+    """Thieves cut by the committed position: a walk that commits only every few pages
+    would be cut above where it really is, and the pages between fetched twice."""
+    walking = PartitionState(index=0, lane="feed", lower_ms=0, upper_ms=NEWEST + 1)
+    other = PartitionState(index=1, lane="feed", lower_ms=0, upper_ms=1, done=finished)
+    config, fetch = setup(sim, data_dir, [walking, other])
+    seen: list[int] = []
+
+    def committed_pages(rows: int) -> None:
+        state = checkpoint.read(config.state_path)
+        assert state is not None
+        seen.append(state.partitions[0].pages)
+
+    fetch.on_page = committed_pages
+    assert fetch_partition(fetch, walking)
+    assert len(seen) > 4, seen  # pages of 1,000 against segments of 2,500 rows
+    assert (seen == list(range(len(seen)))) == commits_every_page, seen
+
+
 @pytest.mark.parametrize("source", LANES)
 def test_two_partitions_cover_everything(sim: Any, data_dir: Path, pg_dsn: str, source: str) -> None:
     middle = 1768000000000
@@ -102,7 +124,7 @@ def test_a_stolen_lower_half_is_walked_by_the_thief_and_the_victim_stops_at_the_
     assert stolen, "the victim committed a cursor, so a split was possible"
     taken = stolen[0]
     assert (taken.index, taken.lower_ms) == (1, 0)
-    assert current_lower(config.state_path, victim) == taken.upper_ms
+    assert current_bounds(config.state_path, victim)[0] == taken.upper_ms
     fetch.on_page = lambda rows: None
     assert fetch_partition(fetch, taken)
     state = checkpoint.read(config.state_path)

@@ -129,13 +129,16 @@ def steal(state_path: Path, lane: Lane, page_limit: int, rates: Mapping[Lane, fl
     return taken
 
 
-def current_lower(state_path: Path, part: PartitionState) -> int:
-    """The partition's lower bound as the checkpoint has it now (a thief may have raised it)."""
+def current_bounds(state_path: Path, part: PartitionState) -> tuple[int, bool]:
+    """The partition's lower bound as the checkpoint has it now (a thief may have raised
+    it), and whether some walk has finished: idle walkers are then looking for one to split."""
     try:
         state = checkpoint.read(state_path)
     except checkpoint.CheckpointError:
-        return part.lower_ms
-    return state.partitions[part.index].lower_ms if state else part.lower_ms
+        return part.lower_ms, False
+    if state is None:
+        return part.lower_ms, False
+    return state.partitions[part.index].lower_ms, any(p.done for p in state.partitions)
 
 
 def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
@@ -180,7 +183,7 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             # Split by another fetcher while the page was on its way? Then what the page holds
             # below the new bound is the thief's to store (twice stored, an unstorable event
             # could become two rejects: its timestamp's form follows its place in the page).
-            lower = current_lower(config.state_path, part)
+            lower, thieves_about = current_bounds(config.state_path, part)
             if lower != part.lower_ms:
                 part.lower_ms = lower
                 since, until = request_window(part)
@@ -201,7 +204,9 @@ def fetch_partition(ctx: FetchContext, part: PartitionState) -> bool:
             if partition_finished(step, part.lower_ms):
                 commit(done=True)
                 return True
-            if writer.due():
+            # A thief cuts by the committed position: with walks finished, commit every page,
+            # or a fast walk would be split above where it really is, and its pages fetched twice.
+            if writer.due() or thieves_about:
                 commit(done=False)
             # Not held while the next page is on its way: a walker waits on the network most
             # of the time, and a parsed page weighs about ten times its body.

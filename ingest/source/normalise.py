@@ -625,7 +625,7 @@ def _joined(heads: list[Any], payloads: list[bytes]) -> bytes:
 # not usual sends the whole page the general way.
 
 
-class _Columns(msgspec.Struct):
+class _Columns(msgspec.Struct, gc=False):  # text and ints only: no cycles for the collector to find
     id: str
     sessionId: str
     userId: str

@@ -36,7 +36,7 @@ LANE_NEED: dict[Lane, int] = {"feed": 4, "events": 1, "events_query": 1}  # walk
 # A piece of k pages is cut a little short: the density varies along the way, and a piece
 # that overflows its k pages by a few events costs a whole request more.
 PIECE_FILL = 0.8
-COMMIT_LAG_PAGES = 1  # pages a walk may be ahead of its committed cursor (a segment seals every 2 s)
+COMMIT_LAG_PAGES = 1  # pages a walk may be ahead of its committed cursor (it commits every page once a walk is done)
 PROBE_DEPTH = 30  # the second probe looks this many first-probe spans below the newest event
 FAST_SOURCE_EVENTS_PER_S = 20_000  # one request this fast: an API on this machine, not behind budgets
 WALKERS_PER_CPU = 2  # walkers of a local source
