@@ -118,7 +118,10 @@ def _parsing_copy(group: click.Group) -> click.Group:
     parses exactly as it would for a run, and nothing runs."""
     parsing = copy.copy(group)
     parsing.commands = {}
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the lazily imported ones too
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         stand_in = copy.copy(command)
         stand_in.callback = lambda **params: params
         parsing.commands[name] = stand_in
