@@ -44,7 +44,7 @@ from ingest.sink.loader import (
 from ingest.sink.pool import loader_loop
 from ingest.sink.segments import SegmentStore, SegmentWriter, claim, id_of, reconcile
 from ingest.source.normalise import normalise_page
-from ingest.tsv import EVENT_LINE_END, encode_row
+from ingest.tsv import EVENT_LINE_END, decode_row, encode_row
 
 BASE_MS = 1766946793000
 TABLE = "events"
@@ -187,6 +187,47 @@ def test_an_unstorable_event_seen_again_in_another_form_is_one_reject(
     assert load_segment(conn, second, id_of(second), TABLE).rejected == 1
     reasons = sorted(r[0] for r in query(conn, "SELECT reason FROM ingest_rejects"))
     assert reasons == ["NUL character in name", "missing id", "missing id"]
+
+
+class CommitHeld(psycopg2.extensions.connection):
+    """A loader's connection that stops at its commit until `go_on` is set."""
+
+    def hold(self) -> None:
+        self.at_commit, self.go_on = threading.Event(), threading.Event()
+
+    def commit(self) -> None:
+        self.at_commit.set()
+        assert self.go_on.wait(120), "the test never let the commit go on"
+        super().commit()
+
+
+def test_loaders_holding_one_reject_at_once_store_it_once(
+    store: SegmentStore, conn: psycopg2.extensions.connection, dsn: str
+) -> None:
+    unstorable = {"id": "e-x", "name": "nul\u0000", "timestamp": BASE_MS}
+    first, second = seal(store, 1, [api_event(1), unstorable]), seal(store, 2, [api_event(2), unstorable])
+    held = psycopg2.connect(dsn, connection_factory=CommitHeld)
+    held.hold()
+    other = db.connect(dsn)
+    results: dict[int, LoadResult] = {}
+    loads = [
+        threading.Thread(target=lambda: results.__setitem__(1, load_segment(held, first, id_of(first), TABLE))),
+        threading.Thread(target=lambda: results.__setitem__(2, load_segment(other, second, id_of(second), TABLE))),
+    ]
+    loads[0].start()
+    wait_for(held.at_commit.is_set, "the first load at its commit")
+    loads[1].start()
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    try:
+        wait_for(lambda: query(conn, waiting)[0][0] == 1, "the second load waiting for the first's rejects", timeout=30)
+    finally:
+        held.go_on.set()
+        for load in loads:
+            load.join(timeout=120)
+        held.close()
+        other.close()
+    assert sorted((r.inserted, r.rejected) for r in results.values()) == [(1, 0), (1, 1)]
+    assert count(conn, "ingest_rejects") == 1
 
 
 def test_same_segment_loaded_twice_changes_nothing(store: SegmentStore, conn: psycopg2.extensions.connection) -> None:
@@ -446,19 +487,28 @@ def bad_line(kind: str, n: int) -> bytes:
     return encode_row(fields)
 
 
+def whole(line: bytes) -> str:
+    return line.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def payload_of(line: bytes) -> str:
+    return str(decode_row(line)[6])
+
+
+# What a reject keeps of a refused line: an event row's JSON text, else the whole line.
 @pytest.mark.parametrize(
-    ("kind", "reason_has"),
+    ("kind", "reason_has", "raw_of"),
     [
-        ("timestamp", "invalid input syntax for type timestamp with time zone"),
-        ("jsonb", "invalid input syntax for type json"),
-        ("nul-in-jsonb", "unsupported Unicode escape sequence"),
-        ("columns", "missing data for column"),
-        ("utf8", "invalid byte sequence"),
-        ("nul-byte", "invalid byte sequence"),
+        ("timestamp", "invalid input syntax for type timestamp with time zone", payload_of),
+        ("jsonb", "invalid input syntax for type json", payload_of),
+        ("nul-in-jsonb", "unsupported Unicode escape sequence", payload_of),
+        ("columns", "missing data for column", whole),
+        ("utf8", "invalid byte sequence", whole),
+        ("nul-byte", "invalid byte sequence", payload_of),
     ],
 )
 def test_bad_line_in_the_middle_is_the_only_reject(
-    store: SegmentStore, conn: psycopg2.extensions.connection, kind: str, reason_has: str
+    store: SegmentStore, conn: psycopg2.extensions.connection, kind: str, reason_has: str, raw_of: Callable[[bytes], str]
 ) -> None:
     path = seal(store, 1, [api_event(n) for n in range(5000)])
     lines = path.read_bytes().splitlines(keepends=True)
@@ -470,7 +520,7 @@ def test_bad_line_in_the_middle_is_the_only_reject(
     assert_exactly(conn, {f"e-{n:08d}" for n in range(5000)} - {"e-00002500"})
     [(reason, raw)] = query(conn, "SELECT reason, raw FROM ingest_rejects")
     assert reason_has in reason
-    assert raw == broken.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    assert raw == raw_of(broken)
     assert ledger(conn)[id_of(path)][:4] == (5000, 4999, 0, 1)
 
 
@@ -483,6 +533,23 @@ def test_several_bad_lines_each_rejected(store: SegmentStore, conn: psycopg2.ext
     result = load_segment(conn, path, id_of(path), TABLE)
     assert (result.rows, result.inserted, result.rejected) == (300, 296, 4)
     assert count(conn, "ingest_rejects") == 4 and count(conn, TABLE) == 296
+
+
+def test_an_event_the_table_refuses_in_two_spellings_is_one_reject(
+    store: SegmentStore, conn: psycopg2.extensions.connection
+) -> None:
+    # The body path keeps the server's text of a number, the general path writes its own:
+    # overlapping walks can seal one event PostgreSQL refuses in both spellings.
+    event = api_event(3)
+    for n, spelling in enumerate(("1e200000", "1E+200000"), 1):
+        payload = orjson.dumps(event).decode().replace('"properties":{', '"properties":{"n":' + spelling + ",", 1)
+        refused = encode_row([event["id"], "2026-01-01T00:00:00+00:00", "t", "n", "u", "s", payload, None, None])
+        path = seal(store, n, [api_event(10 * n + k) for k in range(3)])
+        path.write_bytes(path.read_bytes() + refused)
+        result = load_segment(conn, path, id_of(path), TABLE)
+        assert (result.inserted, result.rejected) == (3, 2 - n)
+    [(reason, raw)] = query(conn, "SELECT reason, raw FROM ingest_rejects")
+    assert "numeric" in reason and orjson.loads(raw.replace("1e200000", "1"))["id"] == event["id"]
 
 
 @pytest.mark.parametrize("bad_at", [0, 1, 63, 64, 99])

@@ -160,6 +160,11 @@ def _pg_system_user() -> str | None:
 # ---------------------------------------------------------------------------------------
 # Schema (DESIGN.md section 3). Idempotent.
 
+# Transaction-level advisory locks, one per thing that concurrent processes must do one at a time.
+SCHEMA_LOCK = 7243001  # CREATE IF NOT EXISTS of the schema (two processes can otherwise race)
+REJECTS_LOCK = 7243002  # storing rejects: each looks for the others' first (see loader.INSERT_REJECTS)
+
+
 def reject_key(raw: str) -> str:
     """SQL for the identity of a reject whose text is the column `raw`, so that a reject
     seen again (walks that overlap, a page fetched again after a crash or a re-positioned
@@ -214,8 +219,7 @@ def schema_statement(table: str) -> sql.Composed:
 
 def ensure_schema(conn: psycopg2.extensions.connection, table: str) -> None:
     with conn.cursor() as cur:
-        # Serialise concurrent CREATE IF NOT EXISTS (two processes can otherwise race).
-        cur.execute("SELECT pg_advisory_xact_lock(7243001)")
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         cur.execute(schema_statement(table))
     conn.commit()
 

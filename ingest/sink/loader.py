@@ -24,7 +24,7 @@ from loguru import logger
 from psycopg2 import sql
 
 from ingest.sink import db
-from ingest.tsv import COLUMNS, EVENT_LINE_END, encode_row
+from ingest.tsv import COLUMNS, EVENT_LINE_END, decode_row, encode_row
 
 READ_SIZE = 1 << 20  # bytes per read of a segment: a load holds a few such chunks, never the segment
 TEMP_BUFFERS = "64MB"  # keeps a large segment's staging table in memory
@@ -43,7 +43,10 @@ INSERT_EVENTS = sql.SQL(
     " WHERE " + STORABLE + " ON CONFLICT (id) DO NOTHING"
 )
 # A reject seen again (re-fetched after a crash, by two overlapping partitions, in another
-# timestamp form: see `db.reject_key`) is stored once.
+# timestamp form: see `db.reject_key`) is stored once. Loaders holding one reject in two
+# segments store theirs one after the other (LOCK_FOR_REJECTS, taken only by a segment that
+# has any): a statement does not see what another transaction has not committed.
+LOCK_FOR_REJECTS = f"SELECT pg_advisory_xact_lock({db.REJECTS_LOCK}) FROM staging WHERE NOT ({STORABLE}) LIMIT 1"
 INSERT_REJECTS = (
     "INSERT INTO ingest_rejects (segment_id, reason, raw, rejected_at)"
     " SELECT DISTINCT ON (s.key) %(segment)s, s.reason, s.raw, now()"
@@ -89,6 +92,20 @@ def copy_reason(exc: psycopg2.Error) -> str:
 def line_text(line: bytes) -> str:
     """A refused line as storable text: invalid UTF-8 and NUL bytes shown as escapes."""
     return line.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def refused_raw(line: bytes) -> str:
+    """What a reject row keeps of a line COPY refused: the event's JSON text when the line
+    is an event row (`raw` holds an event's JSON text, DESIGN section 3), so that the event
+    refused again from a page that wrote it differently (`1e9` or `1E+9`: the body path
+    keeps the server's text, the general path writes its own) is one reject by its id; the
+    whole line when it is anything else."""
+    try:
+        fields = decode_row(line)
+    except UnicodeDecodeError:
+        return line_text(line)
+    payload = fields[6] if len(fields) == len(COLUMNS) and fields[7] is None else None
+    return line_text(line) if payload is None else payload.replace("\x00", "\\x00")
 
 
 def split_lines(data: bytes) -> list[bytes]:
@@ -227,6 +244,7 @@ def _transaction(
             rows = cur.rowcount
             cur.execute(INSERT_EVENTS.format(table=sql.Identifier(table)))
             inserted = cur.rowcount
+            cur.execute(LOCK_FOR_REJECTS)
             cur.execute(INSERT_REJECTS, {"segment": segment_id})
             rejected = cur.rowcount
         duplicates = rows - inserted - rejected
@@ -243,7 +261,7 @@ def _without_refused(lines: list[bytes], refused: dict[int, str]) -> tuple[bytes
     """The segment minus refused lines, plus a reject row for each; and which original
     line each kept line is (COPY's line numbers refer to this new data)."""
     kept = [i for i in range(len(lines)) if i not in refused]
-    rejects = [encode_row([None] * 7 + [reason, line_text(lines[i])]) for i, reason in sorted(refused.items())]
+    rejects = [encode_row([None] * 7 + [reason, refused_raw(lines[i])]) for i, reason in sorted(refused.items())]
     return b"".join([*(lines[i] for i in kept), *rejects]), kept
 
 
