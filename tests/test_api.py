@@ -349,7 +349,7 @@ def test_events_headers_drive_the_pace(config: Config, clock: FakeTime, mocked: 
     client.fetch_page("events", None)
     # The window closes 7.5 s after the request went out (3 s before its answer), and is
     # waited out a margin longer.
-    assert clock.waits == [pytest.approx(7.5 - 3.0 + RESET_MARGIN_SHARE * 60)]
+    assert clock.waits == [pytest.approx(7.5 - 3.0 + RESET_MARGIN_SHARE["decimals"] * 60)]
     client.fetch_page("events", None)
     assert clock.waits[1:] == [1.6]  # 4 left + the reset: 8 s / 5 from the request's start
 
@@ -368,7 +368,7 @@ def test_the_query_string_lane_sends_the_key_as_api_key_and_paces_on_its_own_bud
     assert request.params == {"limit": "50", "api_key": KEY}
     assert query_lane.snapshot().blocked_until > header_lane.snapshot().blocked_until, "only its own budget is spent"
     client.fetch_page("events_query", None)
-    assert clock.waits == [pytest.approx(7.5 + RESET_MARGIN_SHARE * 60)]
+    assert clock.waits == [pytest.approx(7.5 + RESET_MARGIN_SHARE["decimals"] * 60)]
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -27,6 +27,7 @@ from ingest.source.pacing import (
     penalise,
     recover,
     recovery_rate,
+    reset_margin_share,
     retry_after_seconds,
     try_acquire,
 )
@@ -126,9 +127,9 @@ def test_no_recovery_while_blocked() -> None:
 @pytest.mark.parametrize(
     ("sent", "answered", "reset", "free_at"),
     [
-        (0.0, 0.1, 12.5, 12.5),  # a quick answer
-        (0.0, 4.0, 12.5, 12.5),  # a 4 s page: the reset counts from the arrival, not the answer
-        (2.0, 2.5, 3.0, 5.0),  # sent later in the window
+        (0.0, 0.1, 12.5, 12.5 + 0.002 * 60),  # a quick answer
+        (0.0, 4.0, 12.5, 12.5 + 0.002 * 60),  # a 4 s page: the reset counts from the arrival, not the answer
+        (2.0, 2.5, 3.0, 5.0 + 0.02 * 60),  # sent later in the window; whole seconds, maybe rounded down
     ],
 )
 def test_observe_exhausted_blocks_until_the_reset_after_the_request_went_out(
@@ -137,7 +138,21 @@ def test_observe_exhausted_blocks_until_the_reset_after_the_request_went_out(
     params = make_params(600, 60, burst=1)
     state = observe(initial_state(params, 0.0), sent=sent, remaining=0, reset_s=reset)
     _, delay = try_acquire(state, params, answered)
-    assert answered + delay == pytest.approx(free_at + RESET_MARGIN_SHARE * 60)
+    assert answered + delay == pytest.approx(free_at)
+
+
+@pytest.mark.parametrize(
+    ("reset", "share"),
+    [
+        (51.0, 0.02),  # the real API: a relative integer, maybe rounded down
+        (0.0, 0.02),
+        (12.851, 0.002),  # a scaled simulator: ms, exact
+        (0.85, 0.002),
+    ],
+)
+def test_a_reset_is_waited_out_by_its_precision(reset: float, share: float) -> None:
+    assert reset_margin_share(reset) == share
+    assert RESET_MARGIN_SHARE["whole seconds"] * 60 >= 1.0  # covers a second rounded down
 
 
 def test_observe_spreads_remaining_over_reset_from_the_request_start() -> None:
@@ -285,7 +300,7 @@ def test_shared_limiter_shell_waits_through_the_callback() -> None:
     assert clock.now == pytest.approx(62.0)
     limiter.observe(clock.now - 1.0, 0, 5.0)  # sent a second ago
     assert limiter.acquire(clock.wait)
-    assert clock.now == pytest.approx(66.0 + RESET_MARGIN_SHARE * 60)
+    assert clock.now == pytest.approx(66.0 + RESET_MARGIN_SHARE["whole seconds"] * 60)
 
 
 def test_shared_limiter_learns_and_says_what_changed() -> None:

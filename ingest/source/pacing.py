@@ -40,9 +40,11 @@ LOCK_TIMEOUT_S = 2.0
 FLOOR_SHARE = 0.25
 RECOVERY_SHARE_PER_WINDOW = 0.1
 NOMINAL_WINDOW_S = 60.0  # the real service's rate windows (datasync-api.md section 4)
-# A window reported closed is waited out this share of a window longer: whole seconds
-# rounded down would otherwise send the next window's first request into the old one.
-RESET_MARGIN_SHARE = 0.02
+# A window reported closed is waited out a share of a window longer, by the precision of the
+# reset: whole seconds (the real API) may be rounded down by up to one, 1.7% of its 60 s
+# window, and would send the next window's first request into the old one; a reset with
+# decimals (a scaled simulator: ms) is exact, and only the arrival's jitter is left.
+RESET_MARGIN_SHARE = {"whole seconds": 0.02, "decimals": 0.002}
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,19 @@ def penalise(state: PaceState, params: PaceParams, now: float, seconds: float) -
     return replace(state, rate=rate, blocked_until=until, tat=tat)
 
 
+def reset_margin_share(reset_s: float) -> float:
+    """How much of a window to wait beyond a reset reported as `reset_s` seconds."""
+    return RESET_MARGIN_SHARE["whole seconds" if float(reset_s).is_integer() else "decimals"]
+
+
 def observe(state: PaceState, sent: float, remaining: int | None, reset_s: float | None) -> PaceState:
     """Fold `X-RateLimit-Remaining` / `X-RateLimit-Reset` (seconds left) into the state.
 
     Both are as of the request's arrival, `sent` here (an Express server counts a request
     in its rate-limit middleware, before the page is made), not of its response: a page
     takes seconds, and a window timed from the response would lose that much of every
-    window. The budget is exhausted: block until the window resets, plus a margin
-    (RESET_MARGIN_SHARE of the window) for a reset rounded down to whole seconds.
+    window. The budget is exhausted: block until the window resets, plus a margin for the
+    reset's precision (`reset_margin_share`).
     Otherwise the remaining slots are spread evenly up to the reset; the budget's rate still
     applies, so the slower of the two wins.
     """
@@ -143,7 +150,7 @@ def observe(state: PaceState, sent: float, remaining: int | None, reset_s: float
         return state
     reset_s = max(0.0, reset_s)
     if remaining <= 0:
-        until = sent + reset_s + RESET_MARGIN_SHARE * state.window
+        until = sent + reset_s + reset_margin_share(reset_s) * state.window
         return replace(state, blocked_until=max(state.blocked_until, until))
     # `remaining` more requests fit before the window resets, and the first request of the
     # next window may go at the reset itself: remaining + 1 equal gaps.
