@@ -177,18 +177,36 @@ def test_best_cut(pages_left: float, victim: float, thief: float, expected: int 
     assert best_cut(pages_left, victim, thief) == expected
 
 
-@given(
-    st.floats(min_value=0.5, max_value=60),
-    st.floats(min_value=0.5, max_value=40),
-    st.floats(min_value=0.5, max_value=40),
+@pytest.mark.parametrize(
+    "pages_left, victim, thief, expected",
+    [
+        # below a walk's next page: a faster thief takes all of a partial remainder
+        (0.34, 5, 9.875, 1),  # a query walk's last partial page, fetched by a feed walker
+        (1.0, 1, 10, 1),
+        (1.0, 1, 1, None),  # as fast: no sooner
+        (0.5, 10, 5, None),  # slower: later
+        (3.0, 1, 10, 3),
+        (9.0, 1, 1, 4),  # a long remainder is still shared
+    ],
 )
-def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: float, thief: float) -> None:
-    def finish(taken: int) -> float:
-        return max(taken / thief, math.ceil(pages_left - taken - 1e-9) / victim)
+def test_best_cut_beside_the_next_page(pages_left: float, victim: float, thief: float, expected: int | None) -> None:
+    assert best_cut(pages_left, victim, thief, beside_next_page=True) == expected
 
-    alone = math.ceil(pages_left - 1e-9) / victim
-    fastest = min([finish(k) for k in range(1, math.ceil(pages_left - 1e-9))], default=alone)
-    chosen = best_cut(pages_left, victim, thief)
+
+@given(
+    st.floats(min_value=0.05, max_value=60),
+    st.floats(min_value=0.5, max_value=40),
+    st.floats(min_value=0.5, max_value=40),
+    st.booleans(),
+)
+def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: float, thief: float, beside: bool) -> None:
+    def finish(taken: int) -> float:
+        return max(taken / thief, max(0, math.ceil(pages_left - taken - 1e-9)) / victim)
+
+    whole = math.ceil(pages_left - 1e-9)
+    alone = whole / victim
+    fastest = min([finish(k) for k in range(1, whole + 1 if beside else whole)], default=alone)
+    chosen = best_cut(pages_left, victim, thief, beside)
     if fastest < alone - 1e-9:
         assert chosen is not None and finish(chosen) == pytest.approx(fastest)
     else:
@@ -205,6 +223,9 @@ def test_best_cut_is_as_good_as_trying_every_cut(pages_left: float, victim: floa
         # the victim is the walk that will take longest, not the longest span: a query walk
         # of 600 ms (at 5) outlasts a feed walk of 1000 ms (at 10)
         ([part(0, 0, 1000), part(1, 2000, 2600, lane=QUERY)], "feed", (1, 2000 + 320)),
+        # a query walk's last third of a page below its next one: a feed walker takes it,
+        # cut a fifth of a page above where that next page ends (it may come up short)
+        ([part(0, 1000, 2000, lane=QUERY, at=1134)], "feed", (0, 1134 - 100 + 20)),
     ],
 )
 def test_choose_split_sizes_the_parts_by_walker_speed(parts: list[Any], thief: str, expected: tuple[int, int]) -> None:

@@ -222,16 +222,20 @@ def walker_speed(parts: list[PartitionState], lane: Lane, rates: Mapping[Lane, f
     return rates.get(lane, 0.0) / max(walking, LANE_NEED.get(lane, 1), 1)
 
 
-def best_cut(pages_left: float, victim_speed: float, thief_speed: float) -> int | None:
+def best_cut(pages_left: float, victim_speed: float, thief_speed: float, beside_next_page: bool = False) -> int | None:
     """How many pages of a remainder the thief should take so that the later of the two
     walks finishes soonest, counted in whole requests (each part ends with a partial page
-    that costs a full request); None when no split finishes sooner than the victim alone."""
+    that costs a full request); None when no split finishes sooner than the victim alone.
+    `beside_next_page`: the remainder lies below the victim's next page (a walk under way),
+    so the thief may take all of it and leave the victim that one page: a slow lane's last
+    partial page then costs a fast lane's request, not a slow lane's interval."""
     whole = math.ceil(pages_left - 1e-9)
     best, best_time = None, whole / victim_speed
     # The thief's time grows with its share and the victim's shrinks: the best whole number
     # of pages is next to where the two would be equal.
     even = int(pages_left * thief_speed / (thief_speed + victim_speed))
-    for taken in range(max(1, even - 1), min(whole - 1, even + 2) + 1):
+    most = whole if beside_next_page else whole - 1
+    for taken in range(max(1, even - 1), min(most, even + 2) + 1):
         finish = max(taken / thief_speed, math.ceil(pages_left - taken - 1e-9) / victim_speed)
         if finish < best_time - 1e-9:
             best, best_time = taken, finish
@@ -275,9 +279,15 @@ def choose_split(
     if best is None:
         return None
     _, index, lower, lane = best
-    pages_left = (position(parts[index]) - lower) / page_ms
-    taken = best_cut(pages_left, speed(lane), speed(thief, joining=1) if thief is not None else speed(lane))
-    return None if taken is None else (index, lower + int(taken * page_ms * PIECE_FILL))
+    victim = parts[index]
+    pages_left = (position(victim) - lower) / page_ms
+    under_way = bool(victim.cursor)  # as `position` has it
+    taken = best_cut(pages_left, speed(lane), speed(thief, joining=1) if thief is not None else speed(lane), under_way)
+    if taken is None:
+        return None
+    if taken >= pages_left:  # all below the victim's next page, which may come up a little short
+        return index, position(victim) + round(COMMIT_LAG_PAGES * page_ms * (1 - PIECE_FILL))
+    return index, lower + int(taken * page_ms * PIECE_FILL)
 
 
 def lane_needs_walker(parts: list[PartitionState], lane: Lane) -> bool:
