@@ -268,7 +268,7 @@ KINDS = ["group"] * 5 + ["loader"] * 5 + ["fetcher"] * 5 + ["supervisor"] * 5
 
 
 @pytest.mark.slow
-@pytest.mark.sim(events=100_000)
+@pytest.mark.sim(events=300_000)  # enough that twenty kills land before a run drains it all
 def test_twenty_random_sigkills_then_an_exact_table(simulator: Any, pg_dsn: str, data_dir: Path) -> None:
     rng = random.Random(20261128)
     plan = KINDS[:]
