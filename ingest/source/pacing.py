@@ -142,9 +142,8 @@ def observe(state: PaceState, sent: float, remaining: int | None, reset_s: float
     in its rate-limit middleware, before the page is made), not of its response: a page
     takes seconds, and a window timed from the response would lose that much of every
     window. The budget is exhausted: block until the window resets, plus a margin for the
-    reset's precision (`reset_margin_share`).
-    Otherwise the remaining slots are spread evenly up to the reset; the budget's rate still
-    applies, so the slower of the two wins.
+    reset's precision (`reset_margin_share`). Otherwise the remaining slots are spread
+    evenly up to the reset; the budget's rate still applies, so the slower of the two wins.
     """
     if remaining is None or reset_s is None or not math.isfinite(reset_s):
         return state

@@ -285,7 +285,9 @@ def choose_split(
     taken = best_cut(pages_left, speed(lane), speed(thief, joining=1) if thief is not None else speed(lane), under_way)
     if taken is None:
         return None
-    if taken >= pages_left:  # all below the victim's next page, which may come up a little short
+    if taken >= pages_left:
+        # All below the victim's next page, cut a little above where that page should end
+        # (it may cover less time than a page's span): what both fetch, the key absorbs.
         return index, position(victim) + round(COMMIT_LAG_PAGES * page_ms * (1 - PIECE_FILL))
     return index, lower + int(taken * page_ms * PIECE_FILL)
 
