@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -360,7 +361,9 @@ class Supervisor:
                     self._kill_all()
                     break
                 progress.update()
-                self.stop_loaders.wait(TICK_S)
+                # Woken by a child's exit as well as by the tick: a run's end is its last
+                # walk's end, then its loaders', not up to a tick after each.
+                mp.connection.wait([c.process.sentinel for c in self.children], timeout=TICK_S)
         finally:
             self.summary = progress.close()
             if metrics is not None:

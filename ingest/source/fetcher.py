@@ -28,7 +28,7 @@ from ingest.source.paging import Move, Paging, Position, Step, cursor_position, 
 from ingest.source.plan import plan_steal, progress_mark
 
 BACKPRESSURE_POLL_S = 0.2
-STEAL_RETRY_S = 1.0  # a fetcher with nothing to take looks again this often...
+STEAL_RETRY_S = 0.2  # a walker with nothing to take looks again this often (and ends this soon after the last walk)...
 STEAL_PATIENCE_S = 30.0  # ...until no walk has moved for this long (a segment seals within --segment-max-age)
 
 
