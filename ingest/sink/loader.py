@@ -89,23 +89,19 @@ def copy_reason(exc: psycopg2.Error) -> str:
     return f"{message} (column {column.group(1)})" if column else message
 
 
-def line_text(line: bytes) -> str:
-    """A refused line as storable text: invalid UTF-8 and NUL bytes shown as escapes."""
-    return line.rstrip(b"\n").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
-
-
 def refused_raw(line: bytes) -> str:
     """What a reject row keeps of a line COPY refused: the event's JSON text when the line
     is an event row (`raw` holds an event's JSON text, DESIGN section 3), so that the event
     refused again from a page that wrote it differently (`1e9` or `1E+9`: the body path
     keeps the server's text, the general path writes its own) is one reject by its id; the
-    whole line when it is anything else."""
+    whole line when it is anything else. Invalid UTF-8 and NUL bytes are shown as escapes."""
     try:
         fields = decode_row(line)
     except UnicodeDecodeError:
-        return line_text(line)
+        fields = []
     payload = fields[6] if len(fields) == len(COLUMNS) and fields[7] is None else None
-    return line_text(line) if payload is None else payload.replace("\x00", "\\x00")
+    text = line.rstrip(b"\n").decode("utf-8", "backslashreplace") if payload is None else payload
+    return text.replace("\x00", "\\x00")
 
 
 def split_lines(data: bytes) -> list[bytes]:
